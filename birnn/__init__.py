@@ -1,0 +1,1 @@
+"""Uni- vs bidirectional vanilla RNN on sequential MNIST, numpy from scratch."""
