@@ -42,8 +42,8 @@ def rnn_backward(dS_last: np.ndarray, S: np.ndarray, W: np.ndarray,
     blocks: slices of the state that are independent chains (W is block-diagonal on
         them); the gradient is computed for each diagonal block only.
     Returns dP: (T, N, H), the gradient w.r.t. the pre-activations ``h_t`` (and so
-    w.r.t. the input projections), and for each block dW = sum over t >= 1 of
-    s_{t-1}^T dh_t restricted to the block.
+    w.r.t. the input projections), and for each block dW: (h, h) = sum over t >= 1
+    of s_{t-1}^T dh_t restricted to the block.
     """
     T, N, H = S.shape
     tanh_grad = S * S                      # all steps at once, then 1 - s^2 in place
@@ -54,12 +54,10 @@ def rnn_backward(dS_last: np.ndarray, S: np.ndarray, W: np.ndarray,
     for t in range(T - 1, 0, -1):
         np.matmul(dP[t], W_T, out=dP[t - 1])
         dP[t - 1] *= tanh_grad[t - 1]
-    # One matmul per block over all steps: rows are (step, sample) pairs.
-    dWs = []
-    for block in blocks:
-        S_prev, dP_next = S[:-1, :, block], dP[1:, :, block]
-        h = S_prev.shape[2]
-        dWs.append(S_prev.reshape(-1, h).T @ dP_next.reshape(-1, h))
+    # Per block, all steps in one batched matmul, then a sum over steps: OpenBLAS is
+    # ~1.5x slower on the equivalent single (H, T*N) @ (T*N, H) product.
+    dWs = [np.matmul(S[:-1, :, block].transpose(0, 2, 1), dP[1:, :, block]).sum(axis=0)
+           for block in blocks]
     return dP, dWs
 
 

@@ -94,7 +94,7 @@ class RNNClassifier:
         X1 = np.empty((T, N, D + 1), dtype=self.dtype)
         X1[:, :, :D] = X.transpose(1, 0, 2)
         X1[:, :, D] = 1.0
-        P = (X1.reshape(T * N, D + 1) @ Ub).reshape(T, N, -1)        # all steps, all chains
+        P = X1 @ Ub                                    # (T, N, H_total): all steps, all chains
         for c in self.chains:
             if c.reverse:                                            # chain step i reads x_{T-1-i}
                 P[:, :, c.states] = P[::-1, :, c.states]
@@ -106,7 +106,6 @@ class RNNClassifier:
     def backward(self, cache: tuple, dlogits: np.ndarray) -> dict[str, np.ndarray]:
         """dlogits: (N, C) -> gradients, a dict with the same keys and shapes as ``params``."""
         X1, S, W, merged = cache
-        T, N, D1 = X1.shape
         grads = {"V": merged.T @ dlogits, "bV": dlogits.sum(axis=0)}
         d_merged = dlogits @ self.params["V"].T
         blocks = tuple(c.states for c in self.chains)
@@ -114,7 +113,8 @@ class RNNClassifier:
         for c in self.chains:
             if c.reverse:                                            # back to natural time order
                 dP[:, :, c.states] = dP[::-1, :, c.states]
-        dUb = X1.reshape(T * N, D1).T @ dP.reshape(T * N, -1)         # (D + 1, H_total)
+        # Batched over steps then summed: faster than one (D+1, T*N) @ (T*N, H) product.
+        dUb = np.matmul(X1.transpose(0, 2, 1), dP).sum(axis=0)     # (D + 1, H_total)
         for c, dW in zip(self.chains, dWs):
             grads[c.U] = dUb[:-1, c.states]
             grads[c.b] = dUb[-1, c.states]

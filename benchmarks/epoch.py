@@ -1,0 +1,119 @@
+"""Seconds per training epoch and peak memory of the numpy RNNs, on the real MNIST data.
+
+    python benchmarks/epoch.py                  # epoch times (median of --repeats) + memory
+    python benchmarks/epoch.py --memory-epochs 100   # peak RSS of a full 100-epoch training
+
+Prints one JSON object:
+  uni_f64_s, bi_f64_s, uni_f32_s, bi_f32_s  one training epoch: 55,000 sequences, batch 128
+                                            (forward, backward, SGD update; no validation)
+  validation_pass_s                         one pass over the 5,000 validation sequences (bi, float64)
+  book_epoch_f64_s                          uni and bi epoch as the book's run does it, with the two
+                                            checkpoint validation passes
+  peak_rss_mib                              peak resident memory of a child process that loads the
+                                            data and trains uni then bi, float64, with checkpoints
+Targets (2-core machine, float64): uni <= 0.8 s, bi <= 1.0 s, peak memory of a full run <= 1 GiB.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+from threadpoolctl import threadpool_info, threadpool_limits
+
+from birnn import BiRNN, TrainSettings, UniRNN, softmax_cross_entropy, train
+from birnn.data import load_mnist, scale_pixels, shuffle_split
+
+ROOT = Path(__file__).resolve().parent.parent
+MNIST = ROOT / "data" / "raw" / "mnist"
+BOOK_BI_LR = {30: 0.008, 50: 0.005, 70: 0.002}
+
+
+def load(dtype: str):
+    images, labels = load_mnist(MNIST, "train")
+    train_x, train_y, val_x, val_y = shuffle_split(images, labels, val_fraction=1 / 12, seed=0)
+    return scale_pixels(train_x, dtype), train_y, scale_pixels(val_x, dtype), val_y
+
+
+def epoch_seconds(model, x, y, batch_size=128, seed=0) -> float:
+    """One epoch of the training loop's work (shuffle, gather, forward, backward, update)."""
+    order = np.random.default_rng(seed).permutation(len(x))
+    params = model.params
+    start = time.perf_counter()
+    for first in range(0, len(x), batch_size):
+        batch = order[first:first + batch_size]
+        logits, cache = model.forward(x[batch])
+        _, dlogits = softmax_cross_entropy(logits, y[batch])
+        for name, grad in model.backward(cache, dlogits).items():
+            grad *= 0.005
+            params[name] -= grad
+    return time.perf_counter() - start
+
+
+def timings(repeats: int) -> dict:
+    out = {}
+    with threadpool_limits(limits=1, user_api="blas"):
+        for dtype, tag in (("float64", "f64"), ("float32", "f32")):
+            x, y, val_x, val_y = load(dtype)
+            for kind, make in (("uni", UniRNN), ("bi", BiRNN)):
+                model = make(seed=0, dtype=dtype)
+                epoch_seconds(model, x[:5000], y[:5000])                   # warm-up
+                out[f"{kind}_{tag}_s"] = statistics.median(epoch_seconds(model, x, y) for _ in range(repeats))
+            if dtype == "float64":
+                model = BiRNN(seed=0)
+                runs = []
+                for _ in range(repeats):
+                    start = time.perf_counter()
+                    model.predict_logits(val_x)
+                    runs.append(time.perf_counter() - start)
+                out["validation_pass_s"] = statistics.median(runs)
+                for kind, model, lr in (("uni", UniRNN(seed=0), 0.005), ("bi", BiRNN(seed=0), 0.01)):
+                    result = train(model, x, y, val_x, val_y, TrainSettings(epochs=1, lr=lr), log=None)
+                    out[f"book_epoch_{kind}_f64_s"] = result.seconds
+    return {k: round(v, 3) for k, v in out.items()}
+
+
+def memory_child(epochs: int) -> None:
+    """Run in a subprocess: load data, train uni then bi as the book, print peak RSS."""
+    x, y, val_x, val_y = load("float64")
+    for model, lr in ((UniRNN(seed=0), 0.005), (BiRNN(seed=0), 0.01)):
+        train(model, x, y, val_x, val_y, TrainSettings(epochs=epochs, lr=lr), log=None)
+    print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)  # Linux: KiB
+
+
+def peak_rss_mib(epochs: int) -> float:
+    done = subprocess.run([sys.executable, __file__, "--memory-child", str(epochs)],
+                          check=True, capture_output=True, text=True)
+    return round(float(done.stdout.strip().splitlines()[-1]), 1)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--repeats", type=int, default=3, help="epochs timed per configuration (median)")
+    parser.add_argument("--memory-epochs", type=int, default=2,
+                        help="epochs of the memory run (memory is flat after the first; 100 = full book run)")
+    parser.add_argument("--memory-child", type=int, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.memory_child is not None:
+        memory_child(args.memory_child)
+        return
+    report = timings(args.repeats)
+    report["peak_rss_mib"] = peak_rss_mib(args.memory_epochs)
+    report["memory_epochs"] = args.memory_epochs
+    blas = [f"{i.get('internal_api')} {i.get('version')} {i.get('architecture')}" for i in threadpool_info()
+            if i.get("user_api") == "blas"]
+    report["machine"] = {"python": platform.python_version(), "numpy": np.__version__, "blas": blas,
+                         "cpus": __import__("os").cpu_count()}
+    print(json.dumps(report))
+
+
+if __name__ == "__main__":
+    main()
