@@ -1,0 +1,30 @@
+# One obvious way to run each thing. Every target first makes sure the virtualenv exists.
+VENV ?= .venv
+BIN := $(VENV)/bin
+# Stage commands in dvc.yaml call `python` and `dvc`: put the virtualenv first on PATH.
+export PATH := $(abspath $(BIN)):$(PATH)
+
+.PHONY: setup reproduce test test-slow benchmark ui clean
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	python3 -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e ".[dev]"
+	touch $@
+
+reproduce: setup          ## the book experiment: prepare, train uni and bi, evaluate, report
+	dvc repro
+
+test: setup               ## the fast test suite (a few minutes on 2 cores)
+	python -m pytest
+
+test-slow: setup          ## the long checks: the full book configuration end to end
+	python -m pytest -m slow
+
+benchmark: setup          ## seconds per epoch and peak memory, as JSON
+	python benchmarks/epoch.py
+
+ui: setup                 ## the MLflow UI on http://127.0.0.1:5000
+	mlflow ui --backend-store-uri sqlite:///$(abspath mlflow.db) --host 127.0.0.1 --port 5000
