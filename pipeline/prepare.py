@@ -1,0 +1,67 @@
+"""Stage 1: verify the raw IDX files, split them, write data/prepared/.
+
+    python -m pipeline.prepare                  # MNIST, shipped in data/raw/mnist
+    python -m pipeline.prepare data=fashion_mnist
+
+The only stage that reads raw files. Validation is the FIRST 1/12 of a seeded shuffle of the
+training set (the book: 55,000 train / 5,000 validation); test is the official 10,000.
+Everything is written to a staging folder that replaces data/prepared/ only when complete.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from omegaconf import DictConfig
+
+from birnn.data import load_mnist, sha256_file, shuffle_split, verify_manifest
+from pipeline import io, prepared
+from pipeline.cli import StageError, stage
+from pipeline.paths import project_path
+
+log = logging.getLogger(__name__)
+
+
+def raw_checksums(data: DictConfig, raw_dir: Path) -> dict:
+    """Verify the manifest if one is configured; else record the checksums computed."""
+    if data.manifest:
+        manifest = project_path(data.manifest)
+        log.info("verifying %s", manifest)
+        return {"verified_against": str(data.manifest),
+                "sha256": verify_manifest(manifest, root=raw_dir)}
+    log.info("no manifest configured for %s: recording the checksums computed", data.name)
+    files = sorted(p for p in raw_dir.iterdir() if p.is_file() and "-ubyte" in p.name)
+    return {"verified_against": None, "sha256": {p.name: sha256_file(p) for p in files}}
+
+
+@stage("prepare")
+def main(cfg: DictConfig) -> None:
+    data = cfg.data
+    raw_dir = project_path(data.raw_dir)
+    if not raw_dir.is_dir():
+        hint = f": {data.install_hint}" if data.install_hint else ""
+        raise StageError(f"{raw_dir}: dataset {data.name!r} not found{hint}")
+    checksums = raw_checksums(data, raw_dir)
+
+    log.info("reading %s", raw_dir)
+    train_images, train_labels = load_mnist(raw_dir, "train")
+    test_images, test_labels = load_mnist(raw_dir, "test")
+    train_x, train_y, val_x, val_y = shuffle_split(
+        train_images, train_labels, val_fraction=data.val_fraction, seed=data.split_seed)
+
+    target = project_path(cfg.paths.prepared_dir)
+    with io.staging_dir(target) as staging:
+        meta = prepared.write(
+            staging,
+            {"train": (train_x, train_y), "val": (val_x, val_y), "test": (test_images, test_labels)},
+            {"dataset": data.name, "source": str(raw_dir), "val_fraction": data.val_fraction,
+             "split_seed": data.split_seed, "raw_files": checksums},
+        )
+    counts = meta["counts"]
+    log.info("wrote %s: %d train / %d validation / %d test samples of %s",
+             target, counts["train"], counts["val"], counts["test"], data.name)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,82 @@
+"""The prepared dataset on disk: data/prepared/{train,val,test}.npz and meta.json.
+
+Images are stored as uint8 (0..255) and labels as int64; the stages that train and evaluate
+scale pixels to [0, 1] when loading, with ``birnn.data.scale_pixels`` (x / 255, as the book).
+Storing uint8 instead of the float64 the models compute in makes the files, and DVC's cache
+of them, 8x smaller (47 MB instead of 376 MB for MNIST), and scaling costs well under a second.
+
+meta.json records the dataset, the split (fraction, seed, counts), the raw files' sha256 and
+the sha256 of each .npz, which the loaders verify so that a corrupted or hand-edited file is
+an error rather than a silently different experiment.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Mapping
+
+import numpy as np
+
+from birnn.data import DataError, sha256_file
+from pipeline import io
+
+SPLITS = ("train", "val", "test")
+META = "meta.json"
+
+
+def write(folder: Path, splits: Mapping[str, tuple[np.ndarray, np.ndarray]],
+          meta: dict) -> dict:
+    """Write the three splits and meta.json into ``folder`` (an empty staging folder)."""
+    files = {}
+    for split in SPLITS:
+        images, labels = splits[split]
+        path = folder / f"{split}.npz"
+        io.save_npz(path, {"images": images.astype(np.uint8), "labels": labels.astype(np.int64)})
+        files[path.name] = sha256_file(path)
+    meta = {**meta, "counts": {split: int(len(splits[split][1])) for split in SPLITS},
+            "storage": "images uint8 0..255 (N, 28, 28), labels int64 (N,); "
+                       "scaled to [0, 1] at load with birnn.data.scale_pixels",
+            "files_sha256": files}
+    io.write_json(folder / META, meta)
+    return meta
+
+
+def read_meta(folder: Path) -> dict:
+    path = folder / META
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise DataError(f"{path}: no such file: run the prepare stage first "
+                        f"(python -m pipeline.prepare)") from None
+    except (OSError, ValueError) as exc:
+        raise DataError(f"{path}: unreadable: {exc}") from None
+
+
+def fingerprint(meta: dict) -> str:
+    """One sha256 standing for the whole prepared dataset (for an MLflow tag)."""
+    listing = "".join(f"{name} {digest}\n" for name, digest in sorted(meta["files_sha256"].items()))
+    return hashlib.sha256(listing.encode()).hexdigest()
+
+
+def load(folder: Path, split: str, meta: dict, limit: int | None = None
+         ) -> tuple[np.ndarray, np.ndarray]:
+    """Images uint8 (N, 28, 28) and labels int64 (N,) of one split, checksum-verified.
+
+    ``limit`` keeps only the first N samples (the quick preset); the split is already shuffled.
+    """
+    path = folder / f"{split}.npz"
+    expected = meta.get("files_sha256", {}).get(path.name)
+    actual = sha256_file(path)
+    if actual != expected:
+        raise DataError(f"{path}: sha256 {actual} differs from {expected} recorded in "
+                        f"{folder / META}: rerun the prepare stage")
+    try:
+        with np.load(path, allow_pickle=False) as archive:
+            images, labels = archive["images"], archive["labels"]
+    except (OSError, ValueError, KeyError) as exc:
+        raise DataError(f"{path}: unreadable: {exc}") from None
+    if limit is not None:
+        images, labels = images[:limit], labels[:limit]
+    return images, labels

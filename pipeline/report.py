@@ -1,0 +1,133 @@
+"""Table 19-12 next to ours: the table (pandas), its Markdown page and the notes.
+
+Our numbers are passed in from the runs (metrics/test.json, the MLflow runs' params); the
+book's come from data/book/table_19_12.yaml, quoted data with its source. Nothing here types
+in a number of ours.
+"""
+
+from __future__ import annotations
+
+import itertools
+from pathlib import Path
+from typing import Mapping
+
+import pandas as pd
+from omegaconf import OmegaConf
+
+RULES = ("best", "last")
+RULE_TEXT = {"best": "best parameters", "last": "last parameters"}
+
+
+def load_book(path: Path) -> dict:
+    return OmegaConf.to_container(OmegaConf.load(path))
+
+
+def build_table(book: dict, ours: Mapping[str, dict]) -> pd.DataFrame:
+    """Rows: parameter count, then accuracy and loss on the test set with the best and with
+    the last parameters. Columns: book_<model> for the book, ours_<model> for ours.
+
+    ``ours[name]`` is metrics/test.json's entry: {"param_count", "best": {"loss",
+    "accuracy"}, "last": {...}}. Accuracies are fractions; the Markdown shows percent.
+    """
+    rows = [{"quantity": "parameter count", "rule": "",
+             **{f"book_{n}": book["param_count"].get(n) for n in ours},
+             **{f"ours_{n}": ours[n]["param_count"] for n in ours}}]
+    for rule in RULES:
+        for quantity, key in (("test accuracy", "accuracy"), ("test loss", "loss")):
+            rows.append({"quantity": quantity, "rule": RULE_TEXT[rule],
+                         **{f"book_{n}": book["test"].get(n, {}).get(rule, {}).get(key)
+                            for n in ours},
+                         **{f"ours_{n}": ours[n][rule][key] for n in ours}})
+    return pd.DataFrame(rows, dtype=object)  # object: counts stay integers in the CSV
+
+
+def _cell(quantity: str, value) -> str:
+    if value is None or (isinstance(value, float) and pd.isna(value)):
+        return "–"
+    if quantity == "parameter count":
+        return f"{int(value)}"
+    if quantity == "test accuracy":
+        return f"{100 * value:.2f}%"
+    return f"{value:.6f}"
+
+
+def table_markdown(table: pd.DataFrame) -> str:
+    shown = pd.DataFrame({
+        "": [f"{q}, {r}" if r else q for q, r in zip(table["quantity"], table["rule"])],
+        **{column.replace("_", " "): [_cell(q, v) for q, v in zip(table["quantity"], table[column])]
+           for column in table.columns if column.startswith(("book_", "ours_"))},
+    })
+    return shown.to_markdown(index=False, colalign=["left"] + ["right"] * (shown.shape[1] - 1))
+
+
+def subset_sums(counts: Mapping[str, int]) -> set[int]:
+    values = list(counts.values())
+    return {sum(c) for r in range(len(values) + 1) for c in itertools.combinations(values, r)}
+
+
+def notes(book: dict, tensor_counts: Mapping[str, Mapping[str, int]], merge: str | None) -> str:
+    """The book's inconsistencies, with our side of each taken from the runs."""
+    lines = []
+    for name in ("uni", "bi"):
+        if name not in tensor_counts:
+            continue
+        counts = tensor_counts[name]
+        total = sum(counts.values())
+        parts = " + ".join(f"{tensor} {n}" for tensor, n in counts.items())
+        claim = book["param_count"][name]
+        lines.append(f"- **Parameter count, {name}.** The table says {claim}; the model as coded "
+                     f"has {parts} = {total}, {total - claim:+d} from the table.")
+        if claim not in subset_sums(counts):
+            lines.append(f"  No subset of these tensors sums to {claim}: leaving out some "
+                         f"tensors (the biases, say) does not explain it either.")
+    printed, test = book["table_as_printed"], book["test"]
+    lines += [
+        "- **The table mixes rules and truncates.** For uni it quotes the test with the best "
+        f"parameters ({printed['uni']['accuracy']}, loss {test['uni']['best']['loss']} shown as "
+        f"{printed['uni']['loss']}); for bi, the accuracy {printed['bi']['accuracy']} is the same "
+        f"under both rules, but the loss {printed['bi']['loss']} is the last-parameter test "
+        f"({test['bi']['last']['loss']}; the best parameters gave {test['bi']['best']['loss']}). "
+        "Losses are cut to three decimals, not rounded (0.176821 -> 0.176). The table above "
+        "quotes the full logged values under each rule instead.",
+        f"- **A number in no log.** Under the bi log the text says the best parameters gave "
+        f"{100 * book['text_claim_bi']['best']['accuracy']:.2f}% and loss "
+        f"{book['text_claim_bi']['best']['loss']}; the log just above prints "
+        f"{100 * test['bi']['best']['accuracy']:.2f}% and {test['bi']['best']['loss']}.",
+        "- **Concatenate or sum.** The text says the final states s1 and s2 are concatenated "
+        "(拼接); formula 5 and the code sum them, and the sum is what produced the numbers"
+        + (f". Ours: merge = {merge}." if merge else "."),
+        "- **One unseeded run each.** The book's code does not seed its random generator; rerun "
+        "with seeds, its single runs vary by about ±0.5 points of accuracy, so differences of "
+        "that size between the columns are noise.",
+    ]
+    return "\n".join(lines)
+
+
+def page(table: pd.DataFrame, book: dict, context: dict, notes_text: str) -> str:
+    """The whole reports/table_19_12.md."""
+    runs = ", ".join(f"{name} `{run_id}`" for name, run_id in context["runs"].items())
+    preset_warning = ("" if context["preset"] == "book" else
+                      f"\n> **Preset `{context['preset']}`**: a small demonstration run, not the "
+                      "book's configuration; its numbers are not comparable with the book's.\n")
+    return f"""# Table 19-12 reproduced: unidirectional vs bidirectional RNN on sequential MNIST
+
+Generated by `python -m pipeline.compare` from the tracked runs; do not edit by hand.
+{preset_warning}
+{table_markdown(table)}
+
+*Book*: {book['source']} (file `data/book/table_19_12.yaml`).
+*Ours*: `metrics/test.json`, written by the evaluate stage; the same values are the runs'
+`test_acc_*` / `test_loss_*` metrics in MLflow (experiment `{context['experiment']}`, runs {runs};
+this report's run `{context['report_run']}`). Preset `{context['preset']}`: {context['training']}.
+Best parameters: those with the lowest validation loss over all checkpoints; last parameters:
+those after the final update. {context['best_checkpoints']}
+A CSV with full precision is in `table_19_12.csv`.
+
+![Validation loss and accuracy during training](figures/validation_curves.png)
+
+![Confusion matrices on the test set, best parameters](figures/confusion_matrices.png)
+
+## Notes on the book's numbers
+
+{notes_text}
+"""

@@ -1,0 +1,232 @@
+"""Typed schema of the pipeline's configuration, registered in Hydra's ConfigStore.
+
+Two layers of checking, both failing before any work is done:
+
+1. Structure and types, by OmegaConf when Hydra composes: every primary config (conf/*.yaml)
+   starts its defaults list with a ``*_stage_schema`` entry and every group option with its
+   group's schema (e.g. conf/model/bi.yaml -> ``/schema/model_bi``), so an unknown key
+   (``model.hiden_fwd=8``) or a wrong type (``train.epochs=ten``) is rejected at composition.
+2. Values, by :func:`validate`: things a type cannot say (a negative learning rate, zero epochs,
+   an unknown merge, a validation fraction outside [0, 1)). It raises :class:`ConfigError`
+   whose message is one line starting with the full key, e.g.
+   ``model.lr: must be > 0, got -0.01``.
+
+Importing this module registers the schemas; every stage imports it before Hydra composes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING, DictConfig
+
+MERGE_MODES = ("sum", "concat", "mean", "mul")  # formula 5 of chapter 19.7
+MODEL_KINDS = ("uni", "bi")
+FLOAT_DTYPES = ("float32", "float64")
+
+
+class ConfigError(ValueError):
+    """An impossible configuration value; the message starts with the full key."""
+
+
+# ----------------------------------------------------------------------------- groups
+@dataclass
+class ModelConfig:
+    """Fields common to both kinds. ``lr`` is the rate from epoch 0; ``lr_milestones`` maps a
+    0-based epoch to the rate used from that epoch on (the book's step schedule)."""
+
+    kind: str = MISSING
+    lr: float = MISSING
+    lr_milestones: Dict[int, float] = field(default_factory=dict)
+
+
+@dataclass
+class UniModelConfig(ModelConfig):
+    kind: str = "uni"
+    hidden_size: int = 32
+
+
+@dataclass
+class BiModelConfig(ModelConfig):
+    kind: str = "bi"
+    hidden_fwd: int = 20
+    hidden_bwd: int = 20
+    merge: str = "sum"
+
+
+@dataclass
+class DataConfig:
+    """A raw dataset in IDX format and how it is split (the book: 55,000 / 5,000 / 10,000)."""
+
+    name: str = MISSING
+    raw_dir: str = MISSING  # relative to the project root, or absolute
+    manifest: Optional[str] = None  # sha256sum file to verify; None: record checksums only
+    install_hint: Optional[str] = None  # printed when raw_dir does not exist
+    val_fraction: float = 1 / 12
+    split_seed: int = 0
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 100
+    batch_size: int = 128
+    checkpoint_every: float = 0.5  # in epochs: validate and log every half epoch
+    seed: int = 0  # initialisation and per-epoch shuffling
+    dtype: str = "float64"
+    train_limit: Optional[int] = None  # train on only the first N samples (quick preset)
+    val_limit: Optional[int] = None  # validate on only the first N samples (quick preset)
+
+
+@dataclass
+class TrackingConfig:
+    uri: Optional[str] = None  # None: $MLFLOW_TRACKING_URI, else sqlite mlflow.db at the root
+    experiment_name: str = "birnn-table-19-12"
+    probe_timeout_seconds: int = 5  # an unreachable server fails within about this
+    flush_every_seconds: float = 15.0  # metrics are buffered and sent in batches
+
+
+@dataclass
+class PathsConfig:
+    """Locations relative to the project root (absolute paths are kept as they are)."""
+
+    prepared_dir: str = "data/prepared"
+    models_dir: str = "models"
+    metrics_dir: str = "metrics"
+    evaluation_dir: str = "evaluation"
+    reports_dir: str = "reports"
+    book_numbers: str = "data/book/table_19_12.yaml"
+
+
+# ----------------------------------------------------------------------------- stages
+@dataclass
+class PrepareStage:
+    data: DataConfig = MISSING
+    paths: PathsConfig = MISSING
+
+
+@dataclass
+class TrainStage:
+    model: ModelConfig = MISSING
+    train: TrainConfig = MISSING
+    tracking: TrackingConfig = MISSING
+    paths: PathsConfig = MISSING
+    name: str = "${model.kind}"  # models/<name>/ and the MLflow run name
+
+
+@dataclass
+class EvaluateStage:
+    tracking: TrackingConfig = MISSING
+    paths: PathsConfig = MISSING
+    models: List[str] = field(default_factory=lambda: ["uni", "bi"])
+
+
+@dataclass
+class CompareStage:
+    tracking: TrackingConfig = MISSING
+    paths: PathsConfig = MISSING
+    models: List[str] = field(default_factory=lambda: ["uni", "bi"])  # uni first, as the book
+    run_name: str = "table-19-12"
+
+
+def register() -> None:
+    cs = ConfigStore.instance()
+    cs.store(name="prepare_stage_schema", node=PrepareStage)
+    cs.store(name="train_stage_schema", node=TrainStage)
+    cs.store(name="evaluate_stage_schema", node=EvaluateStage)
+    cs.store(name="compare_stage_schema", node=CompareStage)
+    # Group schemas live under schema/ so that they are not listed as options of the groups;
+    # an option pulls in its schema with `- /schema/<name>@_here_` in its defaults list.
+    cs.store(group="schema", name="model_uni", node=UniModelConfig)
+    cs.store(group="schema", name="model_bi", node=BiModelConfig)
+    cs.store(group="schema", name="data", node=DataConfig)
+    cs.store(group="schema", name="train", node=TrainConfig)
+    cs.store(group="schema", name="tracking", node=TrackingConfig)
+    cs.store(group="schema", name="paths", node=PathsConfig)
+
+
+register()
+
+
+# ----------------------------------------------------------------------------- values
+def _fail(key: str, rule: str, value: Any) -> None:
+    raise ConfigError(f"{key}: {rule}, got {value!r}")
+
+
+def _validate_model(model: DictConfig) -> None:
+    if model.kind not in MODEL_KINDS:
+        _fail("model.kind", f"must be one of {', '.join(MODEL_KINDS)}", model.kind)
+    if not model.lr > 0:
+        _fail("model.lr", "must be > 0", model.lr)
+    for epoch, lr in model.lr_milestones.items():
+        if not (isinstance(epoch, int) and epoch >= 0):
+            _fail("model.lr_milestones", "epochs must be integers >= 0", epoch)
+        if not lr > 0:
+            _fail(f"model.lr_milestones.{epoch}", "must be > 0", lr)
+    if model.kind == "uni":
+        if not model.hidden_size >= 1:
+            _fail("model.hidden_size", "must be >= 1", model.hidden_size)
+        return
+    for key in ("hidden_fwd", "hidden_bwd"):
+        if not model[key] >= 1:
+            _fail(f"model.{key}", "must be >= 1", model[key])
+    if model.merge not in MERGE_MODES:
+        _fail("model.merge", f"must be one of {', '.join(MERGE_MODES)}", model.merge)
+    if model.merge != "concat" and model.hidden_fwd != model.hidden_bwd:
+        _fail("model.hidden_bwd", f"must equal model.hidden_fwd ({model.hidden_fwd}) "
+              f"for merge {model.merge!r}", model.hidden_bwd)
+
+
+def _validate_train(train: DictConfig) -> None:
+    for key in ("epochs", "batch_size"):
+        if not train[key] >= 1:
+            _fail(f"train.{key}", "must be >= 1", train[key])
+    if not train.checkpoint_every > 0:
+        _fail("train.checkpoint_every", "must be > 0 (in epochs)", train.checkpoint_every)
+    if train.dtype not in FLOAT_DTYPES:
+        _fail("train.dtype", f"must be one of {', '.join(FLOAT_DTYPES)}", train.dtype)
+    if train.seed < 0:
+        _fail("train.seed", "must be >= 0", train.seed)
+    for key in ("train_limit", "val_limit"):
+        if train[key] is not None and not train[key] >= 1:
+            _fail(f"train.{key}", "must be null or >= 1", train[key])
+
+
+def _validate_data(data: DictConfig) -> None:
+    if not 0.0 <= data.val_fraction < 1.0:
+        _fail("data.val_fraction", "must be in [0, 1)", data.val_fraction)
+    if data.split_seed < 0:
+        _fail("data.split_seed", "must be >= 0", data.split_seed)
+
+
+def _validate_tracking(tracking: DictConfig) -> None:
+    if not tracking.probe_timeout_seconds >= 1:
+        _fail("tracking.probe_timeout_seconds", "must be >= 1",
+              tracking.probe_timeout_seconds)
+    if not tracking.flush_every_seconds >= 0:
+        _fail("tracking.flush_every_seconds", "must be >= 0", tracking.flush_every_seconds)
+    if not str(tracking.experiment_name).strip():
+        _fail("tracking.experiment_name", "must not be empty", tracking.experiment_name)
+
+
+def validate(cfg: DictConfig) -> DictConfig:
+    """Check the values of a composed stage config; return it unchanged or raise ConfigError.
+
+    Only the sections present are checked, so one function serves every stage.
+    """
+    if "model" in cfg:
+        _validate_model(cfg.model)
+    if "train" in cfg:
+        _validate_train(cfg.train)
+    if "data" in cfg:
+        _validate_data(cfg.data)
+    if "tracking" in cfg:
+        _validate_tracking(cfg.tracking)
+    if "models" in cfg:
+        if not cfg.models:
+            _fail("models", "must name at least one model", list(cfg.models))
+        for name in cfg.models:
+            if not str(name).strip() or "/" in str(name):
+                _fail("models", "entries must be plain directory names", name)
+    return cfg

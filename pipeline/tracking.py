@@ -1,0 +1,256 @@
+"""MLflow tracking for the stages: where the store is, checking it is reachable, runs, metrics.
+
+Store. ``tracking.uri`` if set, else $MLFLOW_TRACKING_URI, else ``sqlite:///<root>/mlflow.db``
+with an absolute path (see :func:`pipeline.paths.tracking_root`), so every stage, from any
+working directory or DVC experiment copy, writes to the same database.
+
+Reachability. :func:`connect` asks the store for one experiment with HTTP retries switched off
+and a short timeout before any work starts: MLflow's own defaults retry for minutes, so an
+unreachable server would otherwise look like a hang. The defaults are restored afterwards so
+that a long training run still rides out a brief server hiccup.
+
+Grouping. A training run is a top-level run named after its model (``uni``, ``bi``). The
+compare stage creates a report run and makes the runs it compared its children (the
+``mlflow.parentRunId`` tag, which is how the UI nests runs): the UI then shows the report run
+with the uni and bi runs folded under it, and ticking those two and pressing "Compare" overlays
+their curves (same metric names, step = global iteration) and lists their parameters side by
+side. A training run that is compared again moves under the newest report run; every report
+run also keeps the ids it compared in its ``compared_run_ids`` tag. A future sweep groups its
+runs the same way: create one parent run, then :func:`adopt_children` its runs.
+
+Metrics are buffered and sent with ``log_batch`` (one request per batch instead of one per
+value): see :class:`MetricBuffer`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import subprocess
+import time
+from pathlib import Path
+from typing import Any, Iterator, Mapping
+
+from omegaconf import DictConfig, OmegaConf
+
+from pipeline.cli import StageError
+from pipeline.paths import PROJECT_ROOT, tracking_root
+
+log = logging.getLogger(__name__)
+
+PARENT_TAG = "mlflow.parentRunId"  # the UI nests a run under the run named here
+COMPARED_TAG = "compared_run_ids"
+ERROR_TAG = "error"
+
+
+def default_uri() -> str:
+    return f"sqlite:///{tracking_root() / 'mlflow.db'}"
+
+
+def tracking_uri(tracking: DictConfig) -> str:
+    if tracking.uri:
+        return str(tracking.uri)
+    if os.environ.get("MLFLOW_TRACKING_URI"):
+        return os.environ["MLFLOW_TRACKING_URI"]
+    return default_uri()
+
+
+def _artifact_location(client) -> str | None:
+    """Artifacts of the default store go to <root>/mlartifacts/. (MLflow's default is ./mlruns
+    under whatever directory the experiment happened to be created from.) A server decides
+    its own artifact location."""
+    if client.tracking_uri == default_uri():
+        return (tracking_root() / "mlartifacts").as_uri()
+    return None
+
+
+@contextlib.contextmanager
+def _env(**values: str) -> Iterator[None]:
+    saved = {key: os.environ.get(key) for key in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+def connect(tracking: DictConfig):
+    """Return an ``MlflowClient`` for the configured store after checking it answers.
+
+    Raises StageError (one line, naming the URI) if it does not answer within about
+    ``tracking.probe_timeout_seconds``.
+    """
+    from mlflow.tracking import MlflowClient
+
+    uri = tracking_uri(tracking)
+    timeout = int(tracking.probe_timeout_seconds)
+    started = time.monotonic()
+    try:
+        with _env(MLFLOW_HTTP_REQUEST_MAX_RETRIES="0", MLFLOW_HTTP_REQUEST_TIMEOUT=str(timeout)):
+            client = MlflowClient(tracking_uri=uri)
+            client.search_experiments(max_results=1)
+    except Exception as exc:  # any failure here means: cannot use this store
+        reason = " ".join(str(exc).split())[:300] or type(exc).__name__
+        raise StageError(f"tracking store {uri} is not usable "
+                         f"(after {time.monotonic() - started:.1f} s): {reason}") from None
+    log.info("tracking store: %s", uri)
+    return client
+
+
+def experiment_id(client, name: str) -> str:
+    """The id of experiment ``name``, created if needed (tolerating a concurrent creator)."""
+    from mlflow.exceptions import MlflowException
+
+    experiment = client.get_experiment_by_name(name)
+    if experiment is not None:
+        return experiment.experiment_id
+    try:
+        return client.create_experiment(name, artifact_location=_artifact_location(client))
+    except MlflowException:
+        experiment = client.get_experiment_by_name(name)  # another stage created it meanwhile
+        if experiment is None:
+            raise
+        return experiment.experiment_id
+
+
+def git_tags() -> dict[str, str]:
+    """Commit of the code (and whether the tree had uncommitted changes)."""
+    def git(*args: str) -> str:
+        return subprocess.run(["git", *args], cwd=PROJECT_ROOT, capture_output=True,
+                              text=True, timeout=10, check=True).stdout.strip()
+
+    try:
+        commit = git("rev-parse", "HEAD")
+        dirty = bool(git("status", "--porcelain", "--untracked-files=no"))
+    except (OSError, subprocess.SubprocessError):
+        return {}
+    return {"mlflow.source.git.commit": commit, "git_dirty": str(dirty).lower()}
+
+
+def flatten(config: Mapping[str, Any] | DictConfig, prefix: str = "") -> dict[str, str]:
+    """{'model': {'lr': 0.01}} -> {'model.lr': '0.01'}: the resolved config as MLflow params."""
+    if isinstance(config, DictConfig):
+        config = OmegaConf.to_container(config, resolve=True)
+    flat: dict[str, str] = {}
+    for key, value in config.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping) and value:
+            flat.update(flatten(value, prefix=f"{name}."))
+        elif isinstance(value, (list, tuple)):
+            flat[name] = json.dumps(value)
+        else:
+            flat[name] = "{}" if isinstance(value, Mapping) else str(value)
+    return flat
+
+
+class MetricBuffer:
+    """Collects metric values and sends them to a run in batches.
+
+    One ``log_metric`` call is one write (one HTTP request, or one SQLite transaction): 1,000 of
+    them (200 checkpoints x 5 metrics) cost seconds. Batching sends everything in a few
+    requests; flushing at most every ``flush_every_seconds`` keeps the UI's curves live.
+    """
+
+    def __init__(self, client, run_id: str, flush_every_seconds: float):
+        self.client = client
+        self.run_id = run_id
+        self.flush_every_seconds = flush_every_seconds
+        self.pending: list = []
+        self.last_flush = time.monotonic()
+        self.seconds_spent = 0.0  # time spent sending: measured, logged as a tag
+        self.values_sent = 0
+
+    def add(self, values: Mapping[str, float], step: int) -> None:
+        from mlflow.entities import Metric
+
+        now_ms = int(time.time() * 1000)
+        self.pending.extend(Metric(key, float(value), now_ms, step)
+                            for key, value in values.items())
+        if time.monotonic() - self.last_flush >= self.flush_every_seconds:
+            self.flush()
+
+    def flush(self) -> None:
+        started = time.monotonic()
+        if self.pending:
+            self.client.log_batch(self.run_id, metrics=self.pending)
+            self.values_sent += len(self.pending)
+            self.pending = []
+        self.last_flush = time.monotonic()
+        self.seconds_spent += self.last_flush - started
+
+
+def log_metrics(client, run_id: str, values: Mapping[str, float], step: int = 0) -> None:
+    """Several metrics at one step, in one request."""
+    from mlflow.entities import Metric
+
+    now_ms = int(time.time() * 1000)
+    client.log_batch(run_id, metrics=[Metric(key, float(value), now_ms, step)
+                                      for key, value in values.items()])
+
+
+def log_params(client, run_id: str, params: Mapping[str, Any]) -> None:
+    from mlflow.entities import Param
+
+    client.log_batch(run_id, params=[Param(key, str(value)) for key, value in params.items()])
+
+
+@contextlib.contextmanager
+def run(client, experiment: str, run_name: str, tags: Mapping[str, str]) -> Iterator[str]:
+    """Create a run in experiment ``experiment`` (a name; created if needed) and yield its id;
+    end it FINISHED, or FAILED with the error as a tag. KeyboardInterrupt ends it KILLED.
+    The error is re-raised for the stage to report.
+    """
+    created = client.create_run(experiment_id(client, experiment), run_name=run_name,
+                                tags={**git_tags(), **tags})
+    run_id = created.info.run_id
+    log.info("MLflow run %s (%s) in experiment %r", run_id, run_name, experiment)
+    try:
+        yield run_id
+    except KeyboardInterrupt:
+        _end(client, run_id, "KILLED", "interrupted")
+        raise
+    except BaseException as exc:
+        _end(client, run_id, "FAILED", " ".join(str(exc).split()) or type(exc).__name__)
+        raise
+    client.set_terminated(run_id, "FINISHED")
+
+
+def _end(client, run_id: str, status: str, error: str) -> None:
+    try:
+        client.set_tag(run_id, ERROR_TAG, error[:5000])
+        client.set_terminated(run_id, status)
+    except Exception as exc:  # the store may be what failed; the original error matters more
+        log.warning("could not mark run %s %s: %s", run_id, status, exc)
+
+
+def read_run_info(model_dir: Path) -> dict:
+    """models/<name>/run.json, written by the train stage: which run holds this model."""
+    from pipeline.io import read_json
+
+    return read_json(model_dir / "run.json",
+                     hint=f"train this model first (python -m pipeline.train model={model_dir.name})")
+
+
+def require_run(client, run_id: str, where: str):
+    """The run ``run_id`` (named in file ``where``) from the store, or a one-line StageError."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return client.get_run(run_id)
+    except MlflowException:
+        raise StageError(f"{where}: run {run_id} is not in tracking store "
+                         f"{client.tracking_uri} (was it trained with another tracking.uri?)") \
+            from None
+
+
+def adopt_children(client, parent_run_id: str, child_run_ids: list[str]) -> None:
+    """Nest runs under ``parent_run_id`` in the UI (see the module docstring)."""
+    for child in child_run_ids:
+        client.set_tag(child, PARENT_TAG, parent_run_id)
+    client.set_tag(parent_run_id, COMPARED_TAG, ",".join(child_run_ids))
