@@ -35,7 +35,12 @@ class ConfigError(ValueError):
 @dataclass
 class ModelConfig:
     """Fields common to both kinds. ``lr`` is the rate from epoch 0; ``lr_milestones`` maps a
-    0-based epoch to the rate used from that epoch on (the book's step schedule)."""
+    0-based epoch to the rate used from that epoch on (the book's step schedule).
+
+    Its keys are integers, so override it as a dict, which merges into the configured one:
+    ``'model.lr_milestones={30:0.007}'`` (a dotted ``model.lr_milestones.30=...`` arrives as a
+    string key and is rejected).
+    """
 
     kind: str = MISSING
     lr: float = MISSING
@@ -182,8 +187,9 @@ def _validate_train(train: DictConfig) -> None:
     for key in ("epochs", "batch_size"):
         if not train[key] >= 1:
             _fail(f"train.{key}", "must be >= 1", train[key])
-    if not train.checkpoint_every > 0:
-        _fail("train.checkpoint_every", "must be > 0 (in epochs)", train.checkpoint_every)
+    if not 0 < train.checkpoint_every <= train.epochs:
+        _fail("train.checkpoint_every", f"must be in (0, train.epochs = {train.epochs}] epochs",
+              train.checkpoint_every)
     if train.dtype not in FLOAT_DTYPES:
         _fail("train.dtype", f"must be one of {', '.join(FLOAT_DTYPES)}", train.dtype)
     if train.seed < 0:

@@ -88,6 +88,10 @@ def connect(tracking: DictConfig):
     """
     from mlflow.tracking import MlflowClient
 
+    # A fresh SQLite store announces its schema migration at INFO level on stderr; keep
+    # stderr for errors.
+    for name in ("mlflow.store.db.utils", "alembic"):
+        logging.getLogger(name).setLevel(logging.WARNING)
     uri = tracking_uri(tracking)
     timeout = int(tracking.probe_timeout_seconds)
     started = time.monotonic()

@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import logging
 
+import numpy as np
 import pandas as pd
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
@@ -88,10 +89,13 @@ def main(cfg: DictConfig) -> None:
                   "data.train_samples": len(train_y), "data.val_samples": len(val_y)}
         tracking.log_params(client, run_id, params)
         metrics = tracking.MetricBuffer(client, run_id, cfg.tracking.flush_every_seconds)
-        result = train(model, train_x, train_y, val_x, val_y, settings,
-                       on_checkpoint=lambda c: metrics.add(
-                           {key: getattr(c, key) for key in CHECKPOINT_METRICS}, c.iteration),
-                       log=log.info)
+        # A diverging run overflows before train() notices and raises DivergenceError, the
+        # one-line error; numpy's overflow warnings on the way would only bury it.
+        with np.errstate(over="ignore", invalid="ignore"):
+            result = train(model, train_x, train_y, val_x, val_y, settings,
+                           on_checkpoint=lambda c: metrics.add(
+                               {key: getattr(c, key) for key in CHECKPOINT_METRICS}, c.iteration),
+                           log=log.info)
         summary = {"best_val_loss": result.best.val_loss, "best_val_acc": result.best.val_acc,
                    "best_epoch": result.best.epoch, "best_iteration": result.best.iteration,
                    "last_val_loss": result.history[-1].val_loss,

@@ -1,0 +1,64 @@
+"""Helpers for the pipeline tests: running stages as subprocesses, copying the project."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+VENV_BIN = Path(sys.executable).parent
+
+
+def clean_env(**extra: str) -> dict[str, str]:
+    """The environment for a stage: this interpreter's bin first on PATH (dvc.yaml calls
+    `python`), no tracking URI or DVC variables inherited from the caller."""
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("MLFLOW_", "DVC_", "HYDRA_"))}
+    env["PATH"] = f"{VENV_BIN}{os.pathsep}{env.get('PATH', '')}"
+    env.update(extra)
+    return env
+
+
+def run(args: list[str], cwd: Path = ROOT, timeout: float = 300, **env: str
+        ) -> subprocess.CompletedProcess:
+    return subprocess.run(args, cwd=cwd, env=clean_env(**env), capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def stage(module: str, *overrides: str, cwd: Path = ROOT, timeout: float = 300, **env: str
+          ) -> subprocess.CompletedProcess:
+    """``python -m pipeline.<module> <overrides>`` through the real entry point."""
+    return run([sys.executable, "-m", f"pipeline.{module}", *overrides], cwd=cwd,
+               timeout=timeout, **env)
+
+
+def error_lines(result: subprocess.CompletedProcess) -> list[str]:
+    return [line for line in result.stderr.splitlines() if line.strip()]
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def copy_project(dest: Path) -> Path:
+    """Copy the project's source files as they are in the working tree (tracked and untracked
+    but not ignored: no .venv, no mlflow.db, no outputs) into ``dest`` and make it a git
+    repository with one commit, as DVC and the git-commit tag need."""
+    listing = subprocess.run(
+        ["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
+        cwd=ROOT, capture_output=True, check=True).stdout.decode().split("\0")
+    for name in filter(None, listing):
+        source = ROOT / name
+        if source.is_file():  # (deleted but still in the index: skip)
+            (dest / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(source, dest / name)
+    git = ["git", "-c", "user.name=pipeline tests", "-c", "user.email=tests@localhost"]
+    for args in (["init", "-q"], ["add", "-A"], ["commit", "-q", "-m", "copy for tests"]):
+        subprocess.run([*git, *args], cwd=dest, check=True, capture_output=True)
+    return dest

@@ -1,0 +1,295 @@
+"""The stages through their real entry points: bad input, and the whole pipeline end to end.
+
+The end-to-end tests run `dvc repro` in a temporary copy of the project (its own git
+repository, DVC cache and mlflow.db) and then check the runs, the metrics and the report
+through MlflowClient and the files.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import shutil
+from pathlib import Path
+
+import pandas as pd
+import pytest
+from mlflow.tracking import MlflowClient
+
+from pipeline import prepared
+from pipeline_testkit import ROOT, copy_project, error_lines, run, stage
+
+RAW = ROOT / "data" / "raw" / "mnist"
+CHECKPOINT_METRICS = ("val_loss", "val_acc", "train_loss", "train_acc", "lr")
+TEST_METRICS = ("test_loss_best", "test_acc_best", "test_loss_last", "test_acc_last")
+
+
+# ----------------------------------------------------------------------------- bad input
+def raw_copy(tmp_path: Path) -> Path:
+    copy = tmp_path / "raw"
+    shutil.copytree(RAW, copy)
+    for path in copy.iterdir():
+        path.chmod(0o644)
+    return copy
+
+
+def prepare_into(raw: Path, out: Path, *extra: str):
+    return stage("prepare", f"data.raw_dir={raw}", f"data.manifest={raw / 'SHA256SUMS'}",
+                 f"paths.prepared_dir={out}", *extra, timeout=120)
+
+
+def test_checksum_mismatch_fails_in_one_line_and_writes_nothing(tmp_path):
+    raw = raw_copy(tmp_path)
+    labels = raw / "t10k-labels-idx1-ubyte.gz"
+    data = bytearray(labels.read_bytes())
+    data[-20] ^= 0xFF  # one flipped byte
+    labels.write_bytes(bytes(data))
+    out = tmp_path / "prepared"
+
+    result = prepare_into(raw, out)
+
+    assert result.returncode == 1
+    lines = error_lines(result)
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith(f"error: {labels}: sha256 mismatch")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["raw"]  # not even a temp folder
+
+
+def test_corrupt_file_with_matching_checksum_fails_in_one_line(tmp_path):
+    raw = raw_copy(tmp_path)
+    images = raw / "t10k-images-idx3-ubyte.gz"
+    images.write_bytes(images.read_bytes()[:5000])  # truncated gzip stream
+    manifest = raw / "SHA256SUMS"
+    from birnn.data import sha256_file
+
+    manifest.write_text(re.sub(r"^\w+(  t10k-images)", lambda m: sha256_file(images) + m.group(1),
+                               manifest.read_text(), flags=re.M))
+    out = tmp_path / "prepared"
+    result = prepare_into(raw, out)
+    assert result.returncode == 1
+    lines = error_lines(result)
+    assert len(lines) == 1 and lines[0].startswith(f"error: {images}: corrupt gzip stream")
+    assert not out.exists()
+
+
+def test_missing_fashion_mnist_names_the_package(tmp_path):
+    missing = tmp_path / "fashion-mnist"
+    result = stage("prepare", "data=fashion_mnist", f"data.raw_dir={missing}",
+                   f"paths.prepared_dir={tmp_path / 'prepared'}", timeout=60)
+    assert result.returncode == 1
+    assert error_lines(result) == [
+        f"error: {missing}: dataset 'fashion_mnist' not found: install Debian's package: "
+        "apt-get install dataset-fashion-mnist"]
+
+
+@pytest.fixture(scope="module")
+def prepared_dir(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("data") / "prepared"
+    result = prepare_into(RAW, out)
+    assert result.returncode == 0, result.stderr
+    return out
+
+
+def test_prepare_writes_the_books_split_as_uint8(prepared_dir):
+    meta = prepared.read_meta(prepared_dir)
+    assert meta["counts"] == {"train": 55000, "val": 5000, "test": 10000}
+    assert meta["dataset"] == "mnist" and meta["split_seed"] == 0
+    assert meta["raw_files"]["verified_against"].endswith("SHA256SUMS")
+    images, labels = prepared.load(prepared_dir, "val", meta)
+    assert images.dtype == "uint8" and images.shape == (5000, 28, 28) and labels.dtype == "int64"
+    assert images.max() == 255
+
+
+def test_prepare_is_byte_reproducible(prepared_dir, tmp_path):
+    again = tmp_path / "again"
+    assert prepare_into(RAW, again).returncode == 0
+    assert prepared.read_meta(again)["files_sha256"] == prepared.read_meta(prepared_dir)["files_sha256"]
+
+
+def test_diverging_training_fails_marks_its_run_and_writes_no_model(prepared_dir, tmp_path):
+    db = tmp_path / "mlflow.db"
+    result = stage("train", "experiment=quick", "train.epochs=1", "model.lr=1e308",
+                   f"paths.prepared_dir={prepared_dir}", f"paths.models_dir={tmp_path / 'models'}",
+                   f"paths.metrics_dir={tmp_path / 'metrics'}", f"tracking.uri=sqlite:///{db}",
+                   timeout=120)
+    assert result.returncode == 1
+    lines = error_lines(result)
+    assert len(lines) == 1, result.stderr
+    assert re.match(r"error: .* became (inf|nan|non-finite) at epoch 0, iteration \d+", lines[0])
+    models = tmp_path / "models"
+    assert not models.exists() or not any(models.iterdir())  # no model, not even a temp folder
+    assert not (tmp_path / "metrics").exists()
+    client = MlflowClient(f"sqlite:///{db}")
+    (failed,) = client.search_runs([client.get_experiment_by_name("birnn-table-19-12").experiment_id])
+    assert failed.info.status == "FAILED" and failed.info.run_name == "uni"
+    assert failed.data.tags["error"] == lines[0].removeprefix("error: ")
+
+
+def test_evaluate_without_training_names_the_missing_file(prepared_dir, tmp_path):
+    result = stage("evaluate", f"paths.prepared_dir={prepared_dir}",
+                   f"paths.models_dir={tmp_path / 'models'}",
+                   f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}", timeout=60)
+    assert result.returncode == 1
+    assert error_lines(result) == [
+        f"error: {tmp_path / 'models' / 'uni' / 'run.json'}: no such file: train this model "
+        "first (python -m pipeline.train model=uni)"]
+
+
+# ----------------------------------------------------------------------------- end to end
+def dvc(project: Path, *args: str, timeout: float = 600):
+    result = run(["dvc", *args], cwd=project, timeout=timeout)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return result.stdout
+
+
+def ran_stages(output: str) -> list[str]:
+    return re.findall(r"Running stage '([^']+)'", output)
+
+
+def run_pipeline(tmp_path_factory, preset: str) -> dict:
+    project = copy_project(tmp_path_factory.mktemp(f"project_{preset}"))
+    (project / "params.yaml").write_text(f"experiment: {preset}\n")
+    output = dvc(project, "repro", timeout=3600)
+    return {"project": project, "output": output,
+            "client": MlflowClient(f"sqlite:///{project / 'mlflow.db'}")}
+
+
+def training_run(pipeline: dict, name: str):
+    run_id = json.loads((pipeline["project"] / "models" / name / "run.json").read_text())["run_id"]
+    return pipeline["client"].get_run(run_id)
+
+
+def assert_report_equals_tracked_metrics(pipeline: dict) -> None:
+    project, client = pipeline["project"], pipeline["client"]
+    table = pd.read_csv(project / "reports" / "table_19_12.csv", keep_default_na=False)
+    markdown = (project / "reports" / "table_19_12.md").read_text()
+    test_json = json.loads((project / "metrics" / "test.json").read_text())
+    rows = {(q, r): row for q, r, row in zip(table["quantity"], table["rule"], table.to_dict("records"))}
+    for name in ("uni", "bi"):
+        tracked = training_run(pipeline, name).data
+        assert int(rows[("parameter count", "")][f"ours_{name}"]) == int(tracked.params["param_count"])
+        for rule in ("best", "last"):
+            accuracy = tracked.metrics[f"test_acc_{rule}"]
+            loss = tracked.metrics[f"test_loss_{rule}"]
+            assert float(rows[("test accuracy", f"{rule} parameters")][f"ours_{name}"]) == accuracy
+            assert float(rows[("test loss", f"{rule} parameters")][f"ours_{name}"]) == loss
+            assert test_json[name][rule] == {"loss": loss, "accuracy": accuracy}
+            assert f"{100 * accuracy:.2f}%" in markdown and f"{loss:.6f}" in markdown
+    # the book's column is the quoted data, whatever we got
+    assert list(rows[("parameter count", "")].values())[2:4] == [2281, 2060]
+    for figure in ("validation_curves.png", "confusion_matrices.png"):
+        assert f"figures/{figure}" in markdown
+        assert (project / "reports" / "figures" / figure).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.fixture(scope="module")
+def quick(tmp_path_factory) -> dict:
+    return run_pipeline(tmp_path_factory, "quick")
+
+
+def test_quick_repro_runs_every_stage(quick):
+    assert ran_stages(quick["output"]) == ["prepare", "train_uni", "train_bi", "evaluate", "compare"]
+
+
+@pytest.mark.parametrize("name, params", [("uni", 2282), ("bi", 2170)])
+def test_training_run_has_every_checkpoint_metric_at_every_step(quick, name, params):
+    client, run_ = quick["client"], training_run(quick, name)
+    history = pd.read_csv(quick["project"] / "models" / name / "history.csv")
+    assert len(history) == 6  # quick: 3 epochs, a checkpoint every half epoch
+    assert run_.info.status == "FINISHED" and run_.info.run_name == name
+    for key in CHECKPOINT_METRICS:
+        logged = client.get_metric_history(run_.info.run_id, key)
+        assert [m.step for m in logged] == history["iteration"].tolist()
+        assert [m.value for m in logged] == pytest.approx(history[key].tolist(), rel=1e-12)
+    assert history["iteration"].tolist() == [214, 429, 644, 859, 1074, 1289]
+    assert run_.data.params["param_count"] == str(params)
+    assert run_.data.params["model.kind"] == name and run_.data.params["train.epochs"] == "3"
+    artifacts = {a.path for a in client.list_artifacts(run_.info.run_id)}
+    assert {"best.npz", "last.npz", "history.csv", "config.yaml", "run.json"} <= artifacts
+
+
+def test_training_runs_are_comparable_side_by_side(quick):
+    uni, bi = training_run(quick, "uni").data, training_run(quick, "bi").data
+    assert set(CHECKPOINT_METRICS) <= set(uni.metrics) & set(bi.metrics)
+    shared = {"param_count", "model.lr", "train.epochs", "train.batch_size", "train.seed"}
+    assert shared <= set(uni.params) & set(bi.params)
+    assert {k for k in uni.params if k.startswith("train.")} == \
+        {k for k in bi.params if k.startswith("train.")}
+
+
+def test_training_run_tags(quick):
+    head = run(["git", "rev-parse", "HEAD"], cwd=quick["project"]).stdout.strip()
+    meta = prepared.read_meta(quick["project"] / "data" / "prepared")
+    for name in ("uni", "bi"):
+        tags = training_run(quick, name).data.tags
+        assert tags["mlflow.source.git.commit"] == head
+        assert tags["model_kind"] == name and tags["seed"] == "0" and tags["preset"] == "quick"
+        assert tags["data_sha256"] == prepared.fingerprint(meta) and tags["dataset"] == "mnist"
+        assert json.loads(tags["hydra_overrides"]) == [f"model={name}", "experiment=quick"]
+
+
+def test_test_metrics_and_report_equal_the_tracked_metrics(quick):
+    for name in ("uni", "bi"):
+        metrics = training_run(quick, name).data.metrics
+        assert set(TEST_METRICS) <= set(metrics)
+        assert all(0.0 <= metrics[key] <= 1.0 for key in TEST_METRICS if "acc" in key)
+        assert metrics["test_acc_best"] > 0.3  # a real, if short, training: far above chance
+    assert_report_equals_tracked_metrics(quick)
+    markdown = (quick["project"] / "reports" / "table_19_12.md").read_text()
+    assert "Preset `quick`" in markdown
+
+
+def test_report_run_nests_the_training_runs(quick):
+    client = quick["client"]
+    parents = {training_run(quick, n).data.tags["mlflow.parentRunId"] for n in ("uni", "bi")}
+    (parent_id,) = parents
+    parent = client.get_run(parent_id)
+    assert parent.info.run_name == "table-19-12" and parent.info.status == "FINISHED"
+    assert {a.path for a in client.list_artifacts(parent_id)} >= {"table_19_12.md", "table_19_12.csv", "figures"}
+    assert parent.data.metrics["uni.test_acc_best"] == training_run(quick, "uni").data.metrics["test_acc_best"]
+
+
+def test_dvc_metrics_show_lists_both_models(quick):
+    shown = json.loads(dvc(quick["project"], "metrics", "show", "--json"))
+    (workspace,) = [entry for entry in shown.values()] if isinstance(shown, dict) else shown
+    text = json.dumps(workspace)
+    for name in ("uni", "bi"):
+        for rule in ("best", "last"):
+            value = json.loads((quick["project"] / "metrics" / "test.json").read_text())[name][rule]["accuracy"]
+            assert str(value) in text
+
+
+def test_second_repro_runs_nothing(quick):
+    output = dvc(quick["project"], "repro")
+    assert ran_stages(output) == [] and "Data and pipelines are up to date" in output
+
+
+def test_exp_run_with_a_bi_hyperparameter_reruns_only_what_depends_on_it(quick):
+    project, client = quick["project"], quick["client"]
+    uni_before, bi_before = training_run(quick, "uni").info.run_id, training_run(quick, "bi").info.run_id
+    git = ["git", "-c", "user.name=t", "-c", "user.email=t@localhost"]
+    run([*git, "add", "-A"], cwd=project)
+    run([*git, "commit", "-q", "-m", "quick run"], cwd=project)
+
+    output = dvc(project, "exp", "run", "-S", "conf/model/bi.yaml:lr=0.02")
+
+    assert ran_stages(output) == ["train_bi", "evaluate", "compare"]
+    bi = training_run(quick, "bi")
+    assert bi.info.run_id != bi_before and bi.data.params["model.lr"] == "0.02"
+    assert training_run(quick, "uni").info.run_id == uni_before
+    assert math.isclose(bi.data.metrics["lr"], 0.02)
+    assert_report_equals_tracked_metrics(quick)
+
+
+# ----------------------------------------------------------------------------- the book
+@pytest.mark.slow
+def test_book_configuration_reproduces_table_19_12(tmp_path_factory):
+    """100 epochs of each model, as the book (several minutes each)."""
+    book = run_pipeline(tmp_path_factory, "book")
+    assert ran_stages(book["output"]) == ["prepare", "train_uni", "train_bi", "evaluate", "compare"]
+    for name in ("uni", "bi"):
+        run_ = training_run(book, name)
+        assert len(book["client"].get_metric_history(run_.info.run_id, "val_loss")) == 200
+        assert run_.data.metrics["test_acc_best"] >= 0.94, (name, run_.data.metrics)
+    assert_report_equals_tracked_metrics(book)

@@ -1,0 +1,129 @@
+"""MLflow tracking: an unusable store fails fast, metrics are batched, a failed run is marked.
+
+Each test that needs a store uses its own SQLite file under tmp_path.
+"""
+
+from __future__ import annotations
+
+import socket
+import time
+
+import pytest
+from omegaconf import OmegaConf
+
+from pipeline import tracking
+from pipeline.cli import StageError
+from pipeline_testkit import ROOT, error_lines, free_port, stage
+
+
+def tracking_cfg(uri: str | None, timeout: int = 2):
+    return OmegaConf.create({"uri": uri, "experiment_name": "tests",
+                             "probe_timeout_seconds": timeout, "flush_every_seconds": 0})
+
+
+def test_default_store_is_sqlite_at_the_project_root_whatever_the_cwd(monkeypatch, tmp_path):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.delenv("DVC_ROOT", raising=False)
+    monkeypatch.chdir(tmp_path)
+    assert tracking.tracking_uri(tracking_cfg(None)) == f"sqlite:///{ROOT / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://example.invalid:5000")
+    assert tracking.tracking_uri(tracking_cfg(None)) == "http://example.invalid:5000"
+    assert tracking.tracking_uri(tracking_cfg("sqlite:////x/y.db")) == "sqlite:////x/y.db"
+
+
+def test_dvc_experiment_copies_share_the_original_store(monkeypatch, tmp_path):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.setenv("DVC_ROOT", str(tmp_path))  # what DVC sets for queued/--temp runs
+    assert tracking.tracking_uri(tracking_cfg(None)) == f"sqlite:///{tmp_path / 'mlflow.db'}"
+
+
+def test_unreachable_server_fails_within_seconds():
+    uri = f"http://127.0.0.1:{free_port()}"  # nothing listens there
+    started = time.monotonic()
+    with pytest.raises(StageError, match="tracking store http://127.0.0.1:.* is not usable"):
+        tracking.connect(tracking_cfg(uri))
+    assert time.monotonic() - started < 5
+
+
+def test_silent_server_fails_after_the_probe_timeout():
+    # Accepts TCP connections (the kernel's backlog) but never answers an HTTP request:
+    # only the probe's read timeout stops the wait.
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(8)
+        uri = f"http://127.0.0.1:{silent.getsockname()[1]}"
+        started = time.monotonic()
+        with pytest.raises(StageError, match="is not usable"):
+            tracking.connect(tracking_cfg(uri, timeout=2))
+        elapsed = time.monotonic() - started
+    assert 1.5 < elapsed < 8, elapsed
+
+
+def test_entry_point_reports_an_unreachable_server_in_one_line_within_seconds():
+    uri = f"http://127.0.0.1:{free_port()}"
+    started = time.monotonic()
+    result = stage("train", "experiment=quick", f"tracking.uri={uri}", timeout=60)
+    elapsed = time.monotonic() - started
+    assert result.returncode == 1
+    lines = error_lines(result)
+    assert len(lines) == 1 and lines[0].startswith(f"error: tracking store {uri} is not usable")
+    assert elapsed < 20, elapsed  # interpreter and imports included; MLflow's default: minutes
+
+
+def test_flatten_gives_dotted_params():
+    cfg = OmegaConf.create({"model": {"lr": 0.01, "lr_milestones": {30: 0.008}, "m": {}},
+                            "models": ["uni", "bi"], "name": "${model.lr}"})
+    assert tracking.flatten(cfg) == {"model.lr": "0.01", "model.lr_milestones.30": "0.008",
+                                     "model.m": "{}", "models": '["uni", "bi"]', "name": "0.01"}
+
+
+class RecordingClient:
+    def __init__(self):
+        self.batches = []
+
+    def log_batch(self, run_id, metrics=(), params=(), tags=()):
+        self.batches.append(list(metrics))
+
+
+def test_metric_buffer_sends_batches_not_single_values():
+    client = RecordingClient()
+    buffer = tracking.MetricBuffer(client, "run", flush_every_seconds=3600)
+    for step in range(200):
+        buffer.add({"val_loss": 1.0 / (step + 1), "lr": 0.01}, step=step * 215 + 214)
+    assert client.batches == []  # nothing sent before the interval or the final flush
+    buffer.flush()
+    assert len(client.batches) == 1 and buffer.values_sent == 400
+    sent = {(m.key, m.step): m.value for m in client.batches[0]}
+    assert sent[("val_loss", 214)] == 1.0 and sent[("lr", 199 * 215 + 214)] == 0.01
+
+
+def test_metric_buffer_flushes_when_the_interval_has_passed():
+    client = RecordingClient()
+    buffer = tracking.MetricBuffer(client, "run", flush_every_seconds=0)
+    buffer.add({"val_loss": 1.0}, step=1)
+    buffer.add({"val_loss": 0.5}, step=2)
+    assert [len(batch) for batch in client.batches] == [1, 1]
+
+
+def test_a_failed_run_is_marked_failed_with_the_error(tmp_path):
+    client = tracking.connect(tracking_cfg(f"sqlite:///{tmp_path / 'mlflow.db'}"))
+    with pytest.raises(RuntimeError):
+        with tracking.run(client, "tests", "uni", {"model_kind": "uni"}) as run_id:
+            raise RuntimeError("loss became nan at epoch 3, iteration 1300")
+    run = client.get_run(run_id)
+    assert run.info.status == "FAILED"
+    assert run.data.tags["error"] == "loss became nan at epoch 3, iteration 1300"
+    assert run.data.tags["model_kind"] == "uni" and run.info.run_name == "uni"
+
+
+def test_adopted_runs_are_nested_under_the_report_run(tmp_path):
+    client = tracking.connect(tracking_cfg(f"sqlite:///{tmp_path / 'mlflow.db'}"))
+    children = []
+    for name in ("uni", "bi"):
+        with tracking.run(client, "tests", name, {}) as run_id:
+            children.append(run_id)
+    with tracking.run(client, "tests", "table-19-12", {}) as parent:
+        tracking.adopt_children(client, parent, children)
+    for child in children:
+        assert client.get_run(child).data.tags[tracking.PARENT_TAG] == parent
+    assert client.get_run(parent).data.tags[tracking.COMPARED_TAG] == ",".join(children)
