@@ -19,6 +19,7 @@ instead of twice.
 from __future__ import annotations
 
 import json
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -260,7 +261,7 @@ def _read_npz(path: str | Path) -> tuple[dict, dict[str, np.ndarray]]:
     try:
         with np.load(path, allow_pickle=False) as archive:
             arrays = {name: archive[name] for name in archive.files}
-    except (OSError, ValueError) as exc:
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:  # missing, corrupt, truncated
         raise ValueError(f"{path}: cannot read saved parameters: {exc}") from None
     if "__config__" not in arrays:
         raise ValueError(f"{path}: not a birnn parameter file (no __config__ entry)")

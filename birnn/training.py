@@ -24,7 +24,7 @@ from birnn.models import RNNClassifier
 
 
 class DivergenceError(RuntimeError):
-    """The loss or a parameter stopped being finite."""
+    """The loss or a parameter stopped being finite, or the loss passed ``TrainSettings.max_loss``."""
 
 
 @dataclass(frozen=True)
@@ -58,6 +58,9 @@ class TrainSettings:
     lr: LRSchedule | float = 0.005
     checkpoint_every: float = 0.5     # in epochs
     seed: int = 0                     # shuffling order; the model's init has its own seed
+    # A tanh RNN's loss can grow huge without ever overflowing; past this it has diverged.
+    # (Chance level is ln(10) = 2.3; the book's runs never exceed 2.5.) None: only non-finite.
+    max_loss: float | None = 1000.0
 
     def __post_init__(self):
         if isinstance(self.lr, (int, float)):
@@ -66,6 +69,8 @@ class TrainSettings:
             raise ValueError(f"epochs must be at least 1, got {self.epochs}")
         if self.batch_size < 1:
             raise ValueError(f"batch_size must be at least 1, got {self.batch_size}")
+        if self.max_loss is not None and not self.max_loss > 0:
+            raise ValueError(f"max_loss must be positive or None, got {self.max_loss}")
         if not 0 < self.checkpoint_every <= self.epochs:
             raise ValueError(f"checkpoint_every must be in (0, epochs], got {self.checkpoint_every}")
 
@@ -119,7 +124,9 @@ def train(model: RNNClassifier, train_x: np.ndarray, train_y: np.ndarray,
 
     train_x: (N, T, D) floats, train_y: (N,) integer labels; likewise val_x, val_y.
     ``on_checkpoint`` receives every checkpoint as it is made; ``log`` every progress line.
-    Raises DivergenceError when the loss or a parameter stops being finite.
+    Raises DivergenceError when the loss or a parameter stops being finite, or the loss
+    exceeds ``settings.max_loss``. There is always at least one checkpoint, since
+    ``checkpoint_every`` <= ``epochs``.
     """
     n = len(train_x)
     if n == 0 or len(val_x) == 0:
@@ -147,9 +154,9 @@ def train(model: RNNClassifier, train_x: np.ndarray, train_y: np.ndarray,
                 xb, yb = train_x[batch], train_y[batch]
                 logits, cache = model.forward(xb)
                 loss, dlogits = softmax_cross_entropy(logits, yb)
-                if not math.isfinite(loss):
-                    raise DivergenceError(f"training loss became {loss} at epoch {epoch}, iteration {iteration} "
-                                          f"(lr {lr}): lower the learning rate")
+                if not math.isfinite(loss) or (settings.max_loss is not None and loss > settings.max_loss):
+                    raise DivergenceError(f"training loss became {loss:.6g} at epoch {epoch}, iteration {iteration} "
+                                          f"(lr {lr}): the run diverged; lower the learning rate")
                 grads = model.backward(cache, dlogits)
                 for name, grad in grads.items():
                     grad *= lr
@@ -171,13 +178,6 @@ def train(model: RNNClassifier, train_x: np.ndarray, train_y: np.ndarray,
                 iteration += 1
         _check_finite(params, settings.epochs - 1, iteration - 1, lr)
 
-    if best is None:  # fewer iterations than one checkpoint interval: check the end state
-        val_loss, val_acc = _loss_and_accuracy(model, val_x, val_y)
-        best = Checkpoint(settings.epochs - 1, iteration - 1, lr, loss, accuracy(logits, yb), val_loss, val_acc)
-        history.append(best)
-        best_params = {k: v.copy() for k, v in params.items()}
-        if on_checkpoint:
-            on_checkpoint(best)
     seconds = time.perf_counter() - start
     if log:
         log(f"trained {settings.epochs} epochs ({iteration} iterations) in {seconds:.1f} s; "

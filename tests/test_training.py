@@ -335,6 +335,22 @@ def test_divergence_is_reported(make):
     assert all(c.iteration < iteration for c in got)
 
 
+@pytest.mark.parametrize("make", [small_uni, small_bi])
+def test_finite_but_exploding_loss_counts_as_divergence(make):
+    # lr 1e6 keeps every number finite (tanh bounds the gradients) but the loss explodes:
+    # max_loss turns that into a DivergenceError; without the bound training "succeeds".
+    x, y = synthetic(64, seed=15)
+    with pytest.raises(DivergenceError, match=r"diverged"):
+        run(make(), x, y, x[:16], y[:16], epochs=4, batch_size=16, lr=1e6)
+    result = run(make(), x, y, x[:16], y[:16], epochs=4, batch_size=16, lr=1e6, max_loss=None)
+    assert max(c.train_loss for c in result.history) > 1000
+
+
+def test_max_loss_must_be_positive():
+    with pytest.raises(ValueError, match="max_loss"):
+        TrainSettings(max_loss=0.0)
+
+
 # --------------------------------------------------------------- evaluate
 
 
