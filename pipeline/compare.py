@@ -97,6 +97,7 @@ def main(cfg: DictConfig) -> None:
                          f"({', '.join(sorted(experiments))}): train them with one tracking config")
     experiment = client.get_experiment(experiments.pop()).name
     preset = next(iter(runs.values())).data.tags.get("preset", "?")
+    dataset = next(iter(runs.values())).data.tags.get("dataset", "?")
 
     table = report.build_table(book, ours)
     training, best_checkpoints = describe_training(runs)
@@ -105,11 +106,11 @@ def main(cfg: DictConfig) -> None:
     reports_dir = project_path(paths.reports_dir)
     reports_dir.mkdir(parents=True, exist_ok=True)
 
-    tags = {"stage": "compare", "preset": preset, "dataset": runs[cfg.models[0]].data.tags.get("dataset", "?")}
+    tags = {"stage": "compare", "preset": preset, "dataset": dataset}
     with tracking.run(client, experiment, cfg.run_name, tags) as report_run_id, \
             tempfile.TemporaryDirectory(prefix=".compare.", dir=reports_dir) as tmp:
         context = {"runs": {n: r.info.run_id for n, r in runs.items()}, "preset": preset,
-                   "experiment": experiment, "report_run": report_run_id,
+                   "experiment": experiment, "report_run": report_run_id, "dataset": dataset,
                    "training": training, "best_checkpoints": best_checkpoints}
         staging = Path(tmp)
         write_report_files(staging, table, report.page(table, book, context, notes_text),

@@ -71,8 +71,13 @@ def main(cfg: DictConfig) -> None:
     summary, per_model = {}, {}
     for name in cfg.models:
         model_dir = models_dir / name
-        run_id = tracking.read_run_info(model_dir)["run_id"]
+        run_info = tracking.read_run_info(model_dir)
+        run_id = run_info["run_id"]
         tracking.require_run(client, run_id, str(model_dir / "run.json"))
+        if run_info.get("data_sha256") != prepared.fingerprint(meta):
+            raise StageError(f"{model_dir}: trained on {run_info.get('dataset')} data "
+                             f"{run_info.get('data_sha256')}, but {data_dir} holds "
+                             f"{meta['dataset']} data {prepared.fingerprint(meta)}: retrain it")
         results, param_count = {}, None
         for rule in RULES:
             results[rule], param_count = test_model(model_dir, rule, images, labels)

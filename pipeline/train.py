@@ -110,7 +110,8 @@ def main(cfg: DictConfig) -> None:
         target = project_path(cfg.paths.models_dir) / cfg.name
         run_info = {"run_id": run_id, "run_name": cfg.name,
                     "experiment_id": client.get_run(run_id).info.experiment_id,
-                    "tracking_uri": client.tracking_uri, "model": model.config}
+                    "tracking_uri": client.tracking_uri, "model": model.config,
+                    "dataset": meta["dataset"], "data_sha256": prepared.fingerprint(meta)}
         with io.staging_dir(target) as staging:
             save_outputs(staging, model, result, cfg, run_info)
             client.log_artifacts(run_id, str(staging))
