@@ -70,14 +70,11 @@ def write_report_files(folder: Path, table: pd.DataFrame, page: str, histories: 
     (folder / "table_19_12.md").write_text(page, encoding="utf-8")
 
 
-@stage("compare")
-def main(cfg: DictConfig) -> None:
-    client = tracking.connect(cfg.tracking)
+def collect(cfg: DictConfig, client) -> dict:
+    """Everything the report needs about each model, checked for consistency."""
     paths = cfg.paths
-    book = report.load_book(project_path(paths.book_numbers))
     test_path = project_path(paths.metrics_dir) / "test.json"
     test = io.read_json(test_path)
-
     ours, runs, histories, confusions = {}, {}, {}, {}
     for name in cfg.models:
         if name not in test:
@@ -95,32 +92,49 @@ def main(cfg: DictConfig) -> None:
     if len(experiments) != 1:
         raise StageError(f"the runs of {', '.join(runs)} are in different MLflow experiments "
                          f"({', '.join(sorted(experiments))}): train them with one tracking config")
-    experiment = client.get_experiment(experiments.pop()).name
-    preset = next(iter(runs.values())).data.tags.get("preset", "?")
-    dataset = next(iter(runs.values())).data.tags.get("dataset", "?")
+    first = next(iter(runs.values()))
+    return {"ours": ours, "runs": runs, "histories": histories, "confusions": confusions,
+            "experiment": client.get_experiment(experiments.pop()).name,
+            "preset": first.data.tags.get("preset", "?"),
+            "dataset": first.data.tags.get("dataset", "?")}
 
-    table = report.build_table(book, ours)
+
+def report_run_metrics(ours: dict) -> dict[str, float]:
+    """Our column of the table as metrics of the report run: uni.test_acc_best, ..."""
+    metrics = {}
+    for name, result in ours.items():
+        metrics[f"{name}.param_count"] = result["param_count"]
+        for rule in report.RULES:
+            metrics[f"{name}.test_acc_{rule}"] = result[rule]["accuracy"]
+            metrics[f"{name}.test_loss_{rule}"] = result[rule]["loss"]
+    return metrics
+
+
+@stage("compare")
+def main(cfg: DictConfig) -> None:
+    client = tracking.connect(cfg.tracking)
+    book = report.load_book(project_path(cfg.paths.book_numbers))
+    found = collect(cfg, client)
+    runs = found["runs"]
+    table = report.build_table(book, found["ours"])
     training, best_checkpoints = describe_training(runs)
     merge = runs["bi"].data.params.get("model.merge") if "bi" in runs else None
     notes_text = report.notes(book, {n: tensor_counts(r) for n, r in runs.items()}, merge)
-    reports_dir = project_path(paths.reports_dir)
+    reports_dir = project_path(cfg.paths.reports_dir)
     reports_dir.mkdir(parents=True, exist_ok=True)
 
-    tags = {"stage": "compare", "preset": preset, "dataset": dataset}
-    with tracking.run(client, experiment, cfg.run_name, tags) as report_run_id, \
+    tags = {"stage": "compare", "preset": found["preset"], "dataset": found["dataset"]}
+    with tracking.run(client, found["experiment"], cfg.run_name, tags) as report_run_id, \
             tempfile.TemporaryDirectory(prefix=".compare.", dir=reports_dir) as tmp:
-        context = {"runs": {n: r.info.run_id for n, r in runs.items()}, "preset": preset,
-                   "experiment": experiment, "report_run": report_run_id, "dataset": dataset,
-                   "training": training, "best_checkpoints": best_checkpoints}
+        context = {"runs": {n: r.info.run_id for n, r in runs.items()},
+                   "report_run": report_run_id, "training": training,
+                   "best_checkpoints": best_checkpoints,
+                   **{key: found[key] for key in ("preset", "dataset", "experiment")}}
         staging = Path(tmp)
         write_report_files(staging, table, report.page(table, book, context, notes_text),
-                           histories, confusions)
+                           found["histories"], found["confusions"])
         client.log_artifacts(report_run_id, str(staging))
-        tracking.log_metrics(client, report_run_id, {
-            f"{name}.{key}": value for name in ours for key, value in (
-                ("param_count", ours[name]["param_count"]),
-                *((f"test_{k[:3] if k == 'accuracy' else k}_{rule}", ours[name][rule][k])
-                  for rule in report.RULES for k in ("accuracy", "loss")))})
+        tracking.log_metrics(client, report_run_id, report_run_metrics(found["ours"]))
         tracking.adopt_children(client, report_run_id, [r.info.run_id for r in runs.values()])
         # Publish: the figures folder is swapped whole, the two files renamed into place.
         io.replace_dir(staging / "figures", reports_dir / "figures")

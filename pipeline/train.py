@@ -56,6 +56,24 @@ def run_tags(cfg: DictConfig, meta: dict) -> dict[str, str]:
     }
 
 
+def run_params(cfg: DictConfig, counts: dict[str, int], n_train: int, n_val: int) -> dict:
+    """The resolved config flattened, plus parameter counts (total and per tensor) and the
+    number of samples actually used: the same names for both models, so MLflow's Compare
+    view lines them up."""
+    return {**tracking.flatten(cfg), "param_count": counts["total"],
+            **{f"param_count.{name}": n for name, n in counts.items() if name != "total"},
+            "data.train_samples": n_train, "data.val_samples": n_val}
+
+
+def summarize(result: TrainResult, param_count: int) -> dict:
+    """metrics/train_<name>.json, also logged as run metrics."""
+    return {"best_val_loss": result.best.val_loss, "best_val_acc": result.best.val_acc,
+            "best_epoch": result.best.epoch, "best_iteration": result.best.iteration,
+            "last_val_loss": result.history[-1].val_loss,
+            "last_val_acc": result.history[-1].val_acc,
+            "train_seconds": result.seconds, "param_count": param_count}
+
+
 def save_outputs(folder, model: RNNClassifier, result: TrainResult, cfg: DictConfig,
                  run_info: dict) -> None:
     """best.npz, last.npz, history.csv, config.yaml and run.json into ``folder``."""
@@ -84,10 +102,7 @@ def main(cfg: DictConfig) -> None:
              len(train_y), len(val_y), meta["dataset"])
 
     with tracking.run(client, cfg.tracking.experiment_name, cfg.name, run_tags(cfg, meta)) as run_id:
-        params = {**tracking.flatten(cfg), "param_count": counts["total"],
-                  **{f"param_count.{name}": n for name, n in counts.items() if name != "total"},
-                  "data.train_samples": len(train_y), "data.val_samples": len(val_y)}
-        tracking.log_params(client, run_id, params)
+        tracking.log_params(client, run_id, run_params(cfg, counts, len(train_y), len(val_y)))
         metrics = tracking.MetricBuffer(client, run_id, cfg.tracking.flush_every_seconds)
         # A diverging run overflows before train() notices and raises DivergenceError, the
         # one-line error; numpy's overflow warnings on the way would only bury it.
@@ -96,11 +111,7 @@ def main(cfg: DictConfig) -> None:
                            on_checkpoint=lambda c: metrics.add(
                                {key: getattr(c, key) for key in CHECKPOINT_METRICS}, c.iteration),
                            log=log.info)
-        summary = {"best_val_loss": result.best.val_loss, "best_val_acc": result.best.val_acc,
-                   "best_epoch": result.best.epoch, "best_iteration": result.best.iteration,
-                   "last_val_loss": result.history[-1].val_loss,
-                   "last_val_acc": result.history[-1].val_acc,
-                   "train_seconds": result.seconds, "param_count": counts["total"]}
+        summary = summarize(result, counts["total"])
         metrics.add(summary, step=0)
         metrics.flush()
         log.info("MLflow: %d metric values sent in %.2f s", metrics.values_sent,
