@@ -136,6 +136,27 @@ def test_evaluate_without_training_names_the_missing_file(prepared_dir, tmp_path
         "first (python -m pipeline.train model=uni)"]
 
 
+def test_evaluate_refuses_a_model_trained_on_other_data(prepared_dir, tmp_path):
+    from omegaconf import OmegaConf
+
+    from pipeline import tracking
+
+    db = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = tracking.connect(OmegaConf.create({"uri": db, "probe_timeout_seconds": 5}))
+    with tracking.run(client, "tests", "uni", {}) as run_id:
+        pass
+    model_dir = tmp_path / "models" / "uni"
+    model_dir.mkdir(parents=True)
+    (model_dir / "run.json").write_text(json.dumps(
+        {"run_id": run_id, "dataset": "fashion_mnist", "data_sha256": "0" * 64}))
+    result = stage("evaluate", "models=[uni]", f"paths.prepared_dir={prepared_dir}",
+                   f"paths.models_dir={tmp_path / 'models'}", f"tracking.uri={db}", timeout=60)
+    assert result.returncode == 1
+    lines = error_lines(result)
+    assert len(lines) == 1 and lines[0].startswith(f"error: {model_dir}: trained on fashion_mnist")
+    assert lines[0].endswith(": retrain it") and "holds mnist data" in lines[0]
+
+
 # ----------------------------------------------------------------------------- end to end
 def dvc(project: Path, *args: str, timeout: float = 600):
     result = run(["dvc", *args], cwd=project, timeout=timeout)
