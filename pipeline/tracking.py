@@ -29,6 +29,7 @@ import json
 import logging
 import os
 import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any, Iterator, Mapping
@@ -43,6 +44,7 @@ log = logging.getLogger(__name__)
 PARENT_TAG = "mlflow.parentRunId"  # the UI nests a run under the run named here
 COMPARED_TAG = "compared_run_ids"
 ERROR_TAG = "error"
+CODE_AND_CONFIG = ("birnn", "pipeline", "conf", "dvc.yaml", "params.yaml")
 
 
 def default_uri() -> str:
@@ -123,18 +125,26 @@ def experiment_id(client, name: str) -> str:
         return experiment.experiment_id
 
 
-def git_tags() -> dict[str, str]:
-    """Commit of the code (and whether the tree had uncommitted changes)."""
+def source_tags() -> dict[str, str]:
+    """What the UI shows as the run's source: the stage module, the code's git commit and
+    whether code or configuration differ from it (``git_dirty``; files the pipeline itself
+    rewrites, such as dvc.lock and metrics/, do not count). The client API, unlike
+    mlflow.start_run, sets none of these by itself."""
+    script = Path(sys.argv[0]).resolve()
+    source = script.relative_to(PROJECT_ROOT) if script.is_relative_to(PROJECT_ROOT) else script
+    tags = {"mlflow.source.type": "LOCAL", "mlflow.source.name": str(source)}
+
     def git(*args: str) -> str:
         return subprocess.run(["git", *args], cwd=PROJECT_ROOT, capture_output=True,
                               text=True, timeout=10, check=True).stdout.strip()
 
     try:
-        commit = git("rev-parse", "HEAD")
-        dirty = bool(git("status", "--porcelain", "--untracked-files=no"))
+        tags["mlflow.source.git.commit"] = git("rev-parse", "HEAD")
+        changed = git("status", "--porcelain", "--", *CODE_AND_CONFIG)
+        tags["git_dirty"] = str(bool(changed)).lower()
     except (OSError, subprocess.SubprocessError):
-        return {}
-    return {"mlflow.source.git.commit": commit, "git_dirty": str(dirty).lower()}
+        pass  # not a git checkout (an exported tarball, say): no commit to record
+    return tags
 
 
 def flatten(config: Mapping[str, Any] | DictConfig, prefix: str = "") -> dict[str, str]:
@@ -211,7 +221,7 @@ def run(client, experiment: str, run_name: str, tags: Mapping[str, str]) -> Iter
     The error is re-raised for the stage to report.
     """
     created = client.create_run(experiment_id(client, experiment), run_name=run_name,
-                                tags={**git_tags(), **tags})
+                                tags={**source_tags(), **tags})
     run_id = created.info.run_id
     log.info("MLflow run %s (%s) in experiment %r", run_id, run_name, experiment)
     try:

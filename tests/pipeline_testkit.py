@@ -58,7 +58,12 @@ def copy_project(dest: Path) -> Path:
         if source.is_file():  # (deleted but still in the index: skip)
             (dest / name).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(source, dest / name)
-    git = ["git", "-c", "user.name=pipeline tests", "-c", "user.email=tests@localhost"]
-    for args in (["init", "-q"], ["add", "-A"], ["commit", "-q", "-m", "copy for tests"]):
-        subprocess.run([*git, *args], cwd=dest, check=True, capture_output=True)
+    subprocess.run(["git", "init", "-q"], cwd=dest, check=True, capture_output=True)
+    commit_all(dest, "copy for tests")
     return dest
+
+
+def commit_all(project: Path, message: str) -> None:
+    git = ["git", "-c", "user.name=pipeline tests", "-c", "user.email=tests@localhost"]
+    for args in (["add", "-A"], ["commit", "-q", "--allow-empty", "-m", message]):
+        subprocess.run([*git, *args], cwd=project, check=True, capture_output=True)

@@ -8,7 +8,6 @@ through MlflowClient and the files.
 from __future__ import annotations
 
 import json
-import math
 import re
 import shutil
 from pathlib import Path
@@ -18,7 +17,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from pipeline import prepared
-from pipeline_testkit import ROOT, copy_project, error_lines, run, stage
+from pipeline_testkit import ROOT, commit_all, copy_project, error_lines, run, stage
 
 RAW = ROOT / "data" / "raw" / "mnist"
 CHECKPOINT_METRICS = ("val_loss", "val_acc", "train_loss", "train_acc", "lr")
@@ -171,6 +170,7 @@ def ran_stages(output: str) -> list[str]:
 def run_pipeline(tmp_path_factory, preset: str) -> dict:
     project = copy_project(tmp_path_factory.mktemp(f"project_{preset}"))
     (project / "params.yaml").write_text(f"experiment: {preset}\n")
+    commit_all(project, f"preset {preset}")  # so that runs record a clean tree (git_dirty)
     output = dvc(project, "repro", timeout=3600)
     return {"project": project, "output": output,
             "client": MlflowClient(f"sqlite:///{project / 'mlflow.db'}")}
@@ -244,7 +244,8 @@ def test_training_run_tags(quick):
     meta = prepared.read_meta(quick["project"] / "data" / "prepared")
     for name in ("uni", "bi"):
         tags = training_run(quick, name).data.tags
-        assert tags["mlflow.source.git.commit"] == head
+        assert tags["mlflow.source.git.commit"] == head and tags["git_dirty"] == "false"
+        assert tags["mlflow.source.name"] == "pipeline/train.py"
         assert tags["model_kind"] == name and tags["seed"] == "0" and tags["preset"] == "quick"
         assert tags["data_sha256"] == prepared.fingerprint(meta) and tags["dataset"] == "mnist"
         assert json.loads(tags["hydra_overrides"]) == [f"model={name}", "experiment=quick"]
@@ -267,18 +268,20 @@ def test_report_run_nests_the_training_runs(quick):
     (parent_id,) = parents
     parent = client.get_run(parent_id)
     assert parent.info.run_name == "table-19-12" and parent.info.status == "FINISHED"
-    assert {a.path for a in client.list_artifacts(parent_id)} >= {"table_19_12.md", "table_19_12.csv", "figures"}
-    assert parent.data.metrics["uni.test_acc_best"] == training_run(quick, "uni").data.metrics["test_acc_best"]
+    artifacts = {a.path for a in client.list_artifacts(parent_id)}
+    assert artifacts >= {"table_19_12.md", "table_19_12.csv", "figures"}
+    uni_metrics = training_run(quick, "uni").data.metrics
+    assert parent.data.metrics["uni.test_acc_best"] == uni_metrics["test_acc_best"]
 
 
 def test_dvc_metrics_show_lists_both_models(quick):
     shown = json.loads(dvc(quick["project"], "metrics", "show", "--json"))
-    (workspace,) = [entry for entry in shown.values()] if isinstance(shown, dict) else shown
-    text = json.dumps(workspace)
+    test_metrics = shown[""]["data"]["metrics/test.json"]["data"]  # "": the workspace
     for name in ("uni", "bi"):
+        tracked = training_run(quick, name).data.metrics
         for rule in ("best", "last"):
-            value = json.loads((quick["project"] / "metrics" / "test.json").read_text())[name][rule]["accuracy"]
-            assert str(value) in text
+            assert test_metrics[name][rule] == {"loss": tracked[f"test_loss_{rule}"],
+                                                "accuracy": tracked[f"test_acc_{rule}"]}
 
 
 def test_second_repro_runs_nothing(quick):
@@ -287,19 +290,20 @@ def test_second_repro_runs_nothing(quick):
 
 
 def test_exp_run_with_a_bi_hyperparameter_reruns_only_what_depends_on_it(quick):
-    project, client = quick["project"], quick["client"]
-    uni_before, bi_before = training_run(quick, "uni").info.run_id, training_run(quick, "bi").info.run_id
-    git = ["git", "-c", "user.name=t", "-c", "user.email=t@localhost"]
-    run([*git, "add", "-A"], cwd=project)
-    run([*git, "commit", "-q", "-m", "quick run"], cwd=project)
+    project = quick["project"]
+    uni_before = training_run(quick, "uni").info.run_id
+    bi_before = training_run(quick, "bi").info.run_id
+    commit_all(project, "quick run")  # dvc exp run starts from a commit
 
     output = dvc(project, "exp", "run", "-S", "conf/model/bi.yaml:lr=0.02")
 
     assert ran_stages(output) == ["train_bi", "evaluate", "compare"]
     bi = training_run(quick, "bi")
     assert bi.info.run_id != bi_before and bi.data.params["model.lr"] == "0.02"
+    assert bi.data.tags["git_dirty"] == "true"  # -S edited conf/model/bi.yaml, uncommitted
     assert training_run(quick, "uni").info.run_id == uni_before
-    assert math.isclose(bi.data.metrics["lr"], 0.02)
+    lr_history = quick["client"].get_metric_history(bi.info.run_id, "lr")
+    assert [m.value for m in lr_history] == [0.02] * 6  # logged at every checkpoint
     assert_report_equals_tracked_metrics(quick)
 
 
