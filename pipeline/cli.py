@@ -9,6 +9,13 @@ are printed as
     error: <what went wrong, naming the key or file>
 
 on stderr with exit status 1. Anything else is a bug and keeps its full traceback.
+
+Sweeps (``-m``). Hydra's multirun stops at a job's exception (and our exit would end it at
+once), so a stage that supports sweeps passes ``on_job_failure``: in a sweep job, any error
+is printed as ``error: job <n>: <what>`` (unexpected ones with their traceback in the job's
+log), handed to ``on_job_failure(cfg, error)`` to be recorded, and not raised, so that the
+other jobs carry on. The sweep's end hook (pipeline.sweep_callback) then names the failed jobs
+and makes the command exit non-zero. A single run behaves as above.
 """
 
 from __future__ import annotations
@@ -21,7 +28,9 @@ import sys
 from typing import Callable, Iterator
 
 import hydra
+from hydra.core.hydra_config import HydraConfig
 from hydra.errors import HydraException
+from hydra.types import RunMode
 from omegaconf import DictConfig
 from omegaconf.errors import OmegaConfBaseException
 
@@ -80,14 +89,48 @@ def _reported() -> Iterator[None]:
         sys.exit(130)
 
 
-def stage(config_name: str) -> Callable[[Callable[[DictConfig], None]], Callable[[], None]]:
+def exit_with_error(exc: BaseException) -> None:
+    """Print ``error: <one line>`` and exit 1, from where raising would not reach the stage's
+    error handler (Hydra turns an exception in a callback into a warning and carries on)."""
+    logging.shutdown()
+    print(f"error: {one_line(exc)}", file=sys.stderr, flush=True)
+    raise SystemExit(1)
+
+
+JobFailureHandler = Callable[[DictConfig, str], None]
+
+
+@contextlib.contextmanager
+def _job_failure_recorded(cfg: DictConfig, on_job_failure: JobFailureHandler) -> Iterator[None]:
+    try:
+        yield
+    except Exception as exc:
+        expected = isinstance(exc, _expected_errors())
+        error = one_line(exc) if expected else f"{type(exc).__name__}: {one_line(exc)}"
+        num = HydraConfig.get().job.num
+        if not expected:  # a bug: keep its traceback, in the job's log
+            logging.getLogger(__name__).exception("job %s failed", num)
+        print(f"error: job {num}: {error}", file=sys.stderr, flush=True)
+        try:
+            on_job_failure(cfg, error)
+        except Exception as record_exc:  # the store itself may be what failed
+            print(f"error: job {num}: could not record the failure: {one_line(record_exc)}",
+                  file=sys.stderr, flush=True)
+
+
+def stage(config_name: str, on_job_failure: JobFailureHandler | None = None
+          ) -> Callable[[Callable[[DictConfig], None]], Callable[[], None]]:
     """Turn ``task(cfg)`` into the stage's ``main()``: compose conf/<config_name>.yaml with the
-    command-line overrides, validate the values, run, and report expected errors in one line."""
+    command-line overrides, validate the values, run, and report expected errors in one line.
+    ``on_job_failure``: see the module docstring (sweeps)."""
 
     def decorate(task: Callable[[DictConfig], None]) -> Callable[[], None]:
         @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name=config_name)
         def hydra_app(cfg: DictConfig) -> None:
-            with _reported():
+            in_sweep = HydraConfig.get().mode == RunMode.MULTIRUN
+            guard = (_job_failure_recorded(cfg, on_job_failure)
+                     if in_sweep and on_job_failure is not None else _reported())
+            with guard:
                 schema.validate(cfg)
                 task(cfg)
 

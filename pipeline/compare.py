@@ -1,6 +1,7 @@
 """Stage 4: table 19-12 next to ours, with figures, as a report and as an MLflow run.
 
     python -m pipeline.compare
+    python -m pipeline.compare sweep=<id>     the multi-seed report of a sweep: pipeline.compare_sweep
 
 Reads metrics/test.json and the training runs (MLflow) and writes
 
@@ -22,7 +23,7 @@ from pathlib import Path
 import pandas as pd
 from omegaconf import DictConfig
 
-from pipeline import figures, io, report, tracking
+from pipeline import compare_sweep, figures, io, report, tracking
 from pipeline.cli import StageError, stage
 from pipeline.paths import project_path
 
@@ -113,6 +114,9 @@ def report_run_metrics(ours: dict) -> dict[str, float]:
 @stage("compare")
 def main(cfg: DictConfig) -> None:
     client = tracking.connect(cfg.tracking)
+    if cfg.sweep is not None:
+        compare_sweep.main(cfg, client)
+        return
     book = report.load_book(project_path(cfg.paths.book_numbers))
     found = collect(cfg, client)
     runs = found["runs"]

@@ -60,6 +60,19 @@ def details(results: dict[str, Evaluation]) -> dict:
             for rule, ev in results.items()}
 
 
+def track(client, run_id: str, name: str, results: dict[str, Evaluation], evaluated_on: str
+          ) -> None:
+    """The test results into the model's training run: metrics, details, confusion figures.
+    Shared with sweep jobs, which test their own model (pipeline.train)."""
+    tracking.log_metrics(client, run_id, run_metrics(results))
+    client.log_dict(run_id, details(results), "evaluation/test_details.json")
+    for rule, ev in results.items():
+        client.log_figure(run_id, figures.confusion_matrices(
+            {name: ev.confusion}, f"test set, {rule} parameters"),
+            f"evaluation/confusion_{rule}.png")
+    client.set_tag(run_id, "evaluated_on", evaluated_on)
+
+
 @stage("evaluate")
 def main(cfg: DictConfig) -> None:
     client = tracking.connect(cfg.tracking)
@@ -89,13 +102,7 @@ def main(cfg: DictConfig) -> None:
                             for rule, ev in results.items()}}
 
     for name, (run_id, results) in per_model.items():  # tracking first, files last
-        tracking.log_metrics(client, run_id, run_metrics(results))
-        client.log_dict(run_id, details(results), "evaluation/test_details.json")
-        for rule, ev in results.items():
-            client.log_figure(run_id, figures.confusion_matrices(
-                {name: ev.confusion}, f"test set, {rule} parameters"),
-                f"evaluation/confusion_{rule}.png")
-        client.set_tag(run_id, "evaluated_on", f"{meta['dataset']} test ({len(labels)} images)")
+        track(client, run_id, name, results, f"{meta['dataset']} test ({len(labels)} images)")
 
     with io.staging_dir(project_path(cfg.paths.evaluation_dir)) as staging:
         for name, (_, results) in per_model.items():

@@ -49,3 +49,40 @@ def confusion_matrices(confusions: Mapping[str, np.ndarray], title: str) -> Figu
 def save_png(fig: Figure, path) -> None:
     fig.savefig(path, format="png", dpi=110)
     plt.close(fig)
+
+
+def per_seed(jobs: pd.DataFrame, configurations: list[str], book: Mapping[str, dict]) -> Figure:
+    """Test accuracy and loss of every finished job, one column per configuration (filled:
+    best parameters, hollow: last; a bar at the mean of the best), then the book's single
+    runs for each model kind present (``book``: kind -> {"best": {"accuracy", "loss"},
+    "last": {...}}), so the spread over seeds sits next to the one number the book printed."""
+    columns = list(configurations) + [f"book {kind}\n(one run)" for kind in book]
+    fig, axes = plt.subplots(1, 2, figsize=(max(9.0, 3.0 + 2.2 * len(columns)), 4.4),
+                             constrained_layout=True)
+    jitter = np.random.default_rng(0)  # fixed: the figure is reproducible
+    for ax, (what, scale, unit) in zip(axes, (("acc", 100.0, "test accuracy (%)"),
+                                              ("loss", 1.0, "test loss (cross-entropy)"))):
+        for x, label in enumerate(configurations):
+            group = jobs[jobs["configuration"] == label]
+            for rule, offset, face in (("best", -0.12, "C0"), ("last", 0.12, "none")):
+                values = scale * group[f"test_{what}_{rule}"].to_numpy()
+                ax.scatter(x + offset + jitter.uniform(-0.05, 0.05, len(values)), values,
+                           s=28, facecolors=face, edgecolors="C0", zorder=3,
+                           label=f"our seeds, {rule} parameters" if x == 0 else None)
+            mean = scale * group[f"test_{what}_best"].mean()
+            ax.hlines(mean, x - 0.3, x + 0.06, colors="C0", linewidth=2, zorder=2,
+                      label="mean, best parameters" if x == 0 else None)
+        for i, (kind, result) in enumerate(book.items()):
+            x = len(configurations) + i
+            key = "accuracy" if what == "acc" else "loss"
+            for rule, offset, face in (("best", -0.12, "C3"), ("last", 0.12, "none")):
+                ax.scatter(x + offset, scale * result[rule][key], marker="*", s=110,
+                           facecolors=face, edgecolors="C3", zorder=3,
+                           label=f"book, {rule} parameters" if i == 0 else None)
+        ax.set_xticks(range(len(columns)), columns)
+        ax.set_xlim(-0.6, len(columns) - 0.4)
+        ax.set(ylabel=unit)
+        ax.grid(axis="y", alpha=0.3)
+    axes[0].legend(fontsize=8, loc="lower right")
+    fig.suptitle("Per-seed test results")
+    return fig

@@ -133,6 +133,8 @@ class CompareStage:
     paths: PathsConfig = MISSING
     models: List[str] = field(default_factory=lambda: ["uni", "bi"])  # uni first, as the book
     run_name: str = "table-19-12"
+    sweep: Optional[str] = None  # a sweep id: the multi-seed report of that sweep instead
+    confidence: float = 0.95  # of the sweep report's intervals
 
 
 def register() -> None:
@@ -229,6 +231,8 @@ def validate(cfg: DictConfig) -> DictConfig:
         _validate_data(cfg.data)
     if "tracking" in cfg:
         _validate_tracking(cfg.tracking)
+    if "confidence" in cfg and not 0.5 <= cfg.confidence < 1.0:
+        _fail("confidence", "must be in [0.5, 1)", cfg.confidence)
     if "models" in cfg:
         if not cfg.models:
             _fail("models", "must name at least one model", list(cfg.models))

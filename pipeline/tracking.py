@@ -9,14 +9,34 @@ and a short timeout before any work starts: MLflow's own defaults retry for minu
 unreachable server would otherwise look like a hang. The defaults are restored afterwards so
 that a long training run still rides out a brief server hiccup.
 
-Grouping. A training run is a top-level run named after its model (``uni``, ``bi``). The
-compare stage creates a report run and makes the runs it compared its children (the
+Parallel writers. Several processes (a sweep's parallel jobs) may write to one SQLite file.
+MLflow already gives every session a 20 s busy timeout, but SQLite answers "database is
+locked" at once, without waiting, when two transactions that began by reading both want to
+write (MLflow's writes read the run first). :func:`connect` therefore returns a client whose
+calls retry on that error, a bounded number of times with growing, jittered waits
+(:class:`LockRetryingClient`); a retried write is safe because the failed transaction was
+rolled back whole. (WAL journaling would not remove that case and would permanently change
+the user's database file, so we leave the journal mode alone.) Creating the experiment and
+the first use of a fresh SQLite file (MLflow's schema migrations) happen once, in the sweep's
+start hook, before any job runs: see :mod:`pipeline.sweep_callback`.
+
+Grouping. A single training run is a top-level run named after its model (``uni``, ``bi``).
+The compare stage creates a report run and makes the runs it compared its children (the
 ``mlflow.parentRunId`` tag, which is how the UI nests runs): the UI then shows the report run
 with the uni and bi runs folded under it, and ticking those two and pressing "Compare" overlays
 their curves (same metric names, step = global iteration) and lists their parameters side by
 side. A training run that is compared again moves under the newest report run; every report
-run also keeps the ids it compared in its ``compared_run_ids`` tag. A future sweep groups its
-runs the same way: create one parent run, then :func:`adopt_children` its runs.
+run also keeps the ids it compared in its ``compared_run_ids`` tag.
+
+Sweeps (``python -m pipeline.train -m ...``) are grouped both ways, for the UI and for
+queries: one parent run per sweep (run name ``sweep <id>``, tag ``sweep_role=parent``),
+created before any job starts, and every job's run nested under it (``mlflow.parentRunId``)
+and tagged ``sweep_id=<id>``, ``sweep_role=job``, ``sweep_job=<job number>``. The sweep id
+comes from Hydra's sweep directory (``multirun/2026-11-28/12-34-56`` gives
+``2026-11-28_12-34-56``), which every job of one sweep shares: a job finds its parent by the
+tag, so jobs running on other machines (submitit, Ray) against the same server join it too.
+The tag is what the multi-seed report searches (``python -m pipeline.compare sweep=<id>``);
+the parent holds the sweep's timing and, once compared, its report. See :mod:`pipeline.sweep`.
 
 Metrics are buffered and sent with ``log_batch`` (one request per batch instead of one per
 value): see :class:`MetricBuffer`.
@@ -25,9 +45,11 @@ value): see :class:`MetricBuffer`.
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import logging
 import os
+import random
 import subprocess
 import sys
 import time
@@ -82,8 +104,60 @@ def _env(**values: str) -> Iterator[None]:
                 os.environ[key] = value
 
 
+def is_lock_error(exc: BaseException) -> bool:
+    """SQLite's "database is locked" (or "database table is locked"), however it was wrapped:
+    MLflow's store raises it inside an MlflowException; a server on SQLite sends its text."""
+    text = str(exc).lower()
+    return "database is locked" in text or "database table is locked" in text
+
+
+class _DropLockTracebacks(logging.Filter):
+    """MLflow logs a full traceback for every OperationalError before raising it; for a lock
+    that we are about to retry, that is noise (the retry itself is logged in one line)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not is_lock_error(Exception(record.getMessage()))
+
+
+class LockRetryingClient:
+    """An ``MlflowClient`` whose every call is retried when the store says "database is
+    locked": at most ``attempts`` tries, waiting ``first_wait`` seconds, doubling up to
+    ``max_wait``, each wait jittered by +-50% so that two waiting processes do not collide
+    again in step. Any other error, or the last lock error, is raised as it is.
+    Attributes that are not methods (``tracking_uri``) are passed through.
+    """
+
+    def __init__(self, client, attempts: int = 8, first_wait: float = 0.2,
+                 max_wait: float = 5.0, sleep=time.sleep):
+        self._client = client
+        self._attempts, self._first_wait, self._max_wait = attempts, first_wait, max_wait
+        self._sleep = sleep
+
+    def __getattr__(self, name: str):
+        value = getattr(self._client, name)
+        if not callable(value):
+            return value
+
+        @functools.wraps(value)
+        def call(*args, **kwargs):
+            for attempt in range(1, self._attempts + 1):
+                try:
+                    return value(*args, **kwargs)
+                except Exception as exc:
+                    if attempt == self._attempts or not is_lock_error(exc):
+                        raise
+                    wait = min(self._max_wait, self._first_wait * 2 ** (attempt - 1))
+                    wait *= 0.5 + random.random()
+                    log.warning("MLflow store busy (database is locked) in %s; retry %d/%d "
+                                "in %.1f s", name, attempt, self._attempts - 1, wait)
+                    self._sleep(wait)
+
+        return call
+
+
 def connect(tracking: DictConfig):
-    """Return an ``MlflowClient`` for the configured store after checking it answers.
+    """Return an ``MlflowClient`` for the configured store after checking it answers,
+    wrapped to retry on SQLite lock errors (:class:`LockRetryingClient`).
 
     Raises StageError (one line, naming the URI) if it does not answer within about
     ``tracking.probe_timeout_seconds``.
@@ -94,6 +168,9 @@ def connect(tracking: DictConfig):
     # stderr for errors.
     for name in ("mlflow.store.db.utils", "alembic"):
         logging.getLogger(name).setLevel(logging.WARNING)
+    db_log = logging.getLogger("mlflow.store.db.utils")
+    if not any(isinstance(f, _DropLockTracebacks) for f in db_log.filters):
+        db_log.addFilter(_DropLockTracebacks())
     uri = tracking_uri(tracking)
     timeout = int(tracking.probe_timeout_seconds)
     started = time.monotonic()
@@ -106,7 +183,7 @@ def connect(tracking: DictConfig):
         raise StageError(f"tracking store {uri} is not usable "
                          f"(after {time.monotonic() - started:.1f} s): {reason}") from None
     log.info("tracking store: %s", uri)
-    return client
+    return LockRetryingClient(client)
 
 
 def experiment_id(client, name: str) -> str:
@@ -125,12 +202,16 @@ def experiment_id(client, name: str) -> str:
         return experiment.experiment_id
 
 
-def source_tags() -> dict[str, str]:
+def source_tags(script: str | os.PathLike | None = None) -> dict[str, str]:
     """What the UI shows as the run's source: the stage module, the code's git commit and
     whether code or configuration differ from it (``git_dirty``; files the pipeline itself
     rewrites, such as dvc.lock and metrics/, do not count). The client API, unlike
-    mlflow.start_run, sets none of these by itself."""
-    script = Path(sys.argv[0]).resolve()
+    mlflow.start_run, sets none of these by itself.
+
+    ``script`` is the stage's file; by default the script that was started, which is right
+    for a single run but not for a sweep job that a launcher runs in a worker process (whose
+    sys.argv[0] is the launcher's own entry point)."""
+    script = Path(script if script is not None else sys.argv[0]).resolve()
     source = script.relative_to(PROJECT_ROOT) if script.is_relative_to(PROJECT_ROOT) else script
     tags = {"mlflow.source.type": "LOCAL", "mlflow.source.name": str(source)}
 
@@ -215,13 +296,14 @@ def log_params(client, run_id: str, params: Mapping[str, Any]) -> None:
 
 
 @contextlib.contextmanager
-def run(client, experiment: str, run_name: str, tags: Mapping[str, str]) -> Iterator[str]:
+def run(client, experiment: str, run_name: str, tags: Mapping[str, str],
+        script: str | os.PathLike | None = None) -> Iterator[str]:
     """Create a run in experiment ``experiment`` (a name; created if needed) and yield its id;
     end it FINISHED, or FAILED with the error as a tag. KeyboardInterrupt ends it KILLED.
-    The error is re-raised for the stage to report.
+    The error is re-raised for the stage to report. ``script``: see :func:`source_tags`.
     """
     created = client.create_run(experiment_id(client, experiment), run_name=run_name,
-                                tags={**source_tags(), **tags})
+                                tags={**source_tags(script), **tags})
     run_id = created.info.run_id
     log.info("MLflow run %s (%s) in experiment %r", run_id, run_name, experiment)
     try:
@@ -233,6 +315,11 @@ def run(client, experiment: str, run_name: str, tags: Mapping[str, str]) -> Iter
         _end(client, run_id, "FAILED", " ".join(str(exc).split()) or type(exc).__name__)
         raise
     client.set_terminated(run_id, "FINISHED")
+
+
+def end_failed(client, run_id: str, error: str) -> None:
+    """Mark a run FAILED with ``error`` in its ``error`` tag."""
+    _end(client, run_id, "FAILED", error)
 
 
 def _end(client, run_id: str, status: str, error: str) -> None:
@@ -268,3 +355,20 @@ def adopt_children(client, parent_run_id: str, child_run_ids: list[str]) -> None
     for child in child_run_ids:
         client.set_tag(child, PARENT_TAG, parent_run_id)
     client.set_tag(parent_run_id, COMPARED_TAG, ",".join(child_run_ids))
+
+
+def search_runs(client, filter_string: str, experiment_ids: list[str] | None = None) -> list:
+    """Every run matching ``filter_string`` in the given experiments (default: all active
+    ones), following MLflow's pages (one page holds at most 1,000 runs)."""
+    if experiment_ids is None:
+        experiment_ids = [e.experiment_id for e in client.search_experiments()]
+    if not experiment_ids:
+        return []
+    runs, token = [], None
+    while True:
+        page = client.search_runs(experiment_ids, filter_string=filter_string,
+                                  max_results=1000, page_token=token)
+        runs.extend(page)
+        token = page.token
+        if not token:
+            return runs

@@ -1,0 +1,141 @@
+"""Hydra's hooks around a sweep (registered in conf/train.yaml under hydra.callbacks).
+
+Start, in the launching process, before any job: check the tracking store answers (a fresh
+SQLite file gets MLflow's schema migrations here, once, instead of racing in parallel jobs),
+create the experiment (parallel creators would race) and the sweep's parent run, which every
+job then finds by its ``sweep_id`` tag (pipeline.sweep).
+
+End, after the last job: count the jobs' runs by status, record the sweep's wall time, the
+sum of the jobs' own times and their ratio on the parent run, end it FINISHED (every job
+finished) or FAILED, and print one summary line. If any job failed, or left no run at all,
+the line names them and the command exits 1.
+
+Hydra turns an exception raised in a callback into a warning and carries on, so both hooks end
+the command themselves (``SystemExit``) when they must stop it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+
+from hydra.experimental.callback import Callback
+from omegaconf import DictConfig, OmegaConf
+
+from pipeline import schema, sweep, tracking
+from pipeline.cli import StageError, exit_with_error
+
+log = logging.getLogger(__name__)
+
+
+def _job_label(run, swept: list[str]) -> str:
+    """'job 3 (model=uni model.lr=1e6)': the number and the job's values of the swept keys."""
+    overrides = json.loads(run.data.tags.get("hydra_overrides", "[]"))
+    shown = " ".join(o for o in overrides if sweep.override_key(o) in swept)
+    return f"job {run.data.tags.get(sweep.JOB_TAG, '?')} ({shown})"
+
+
+def launched_jobs(sweep_dir: Path) -> dict[int, str]:
+    """Job number -> its overrides, from the job folders Hydra made (<sweep dir>/<n>/.hydra/):
+    finds jobs that died before recording anything. Empty if the folder is elsewhere (a
+    remote launcher without a shared filesystem)."""
+    jobs = {}
+    for hydra_yaml in sweep_dir.glob("*/.hydra/hydra.yaml"):
+        try:
+            hydra = OmegaConf.load(hydra_yaml).hydra
+            jobs[int(hydra.job.num)] = " ".join(str(o) for o in hydra.overrides.task)
+        except Exception:  # a job folder half-written by a killed job: not ours to judge
+            continue
+    return jobs
+
+
+class SweepCallback(Callback):
+    """Holds only strings and numbers: launchers pickle the callbacks to their workers."""
+
+    def __init__(self) -> None:
+        self.sweep_id: str | None = None
+        self.parent_run_id: str | None = None
+
+    def on_multirun_start(self, config: DictConfig, **kwargs) -> None:
+        try:
+            schema.validate(OmegaConf.create({"tracking": config.tracking}))
+            client = tracking.connect(config.tracking)
+            self.sweep_id = sweep.sweep_id(config.hydra.sweep.dir)
+            existing = sweep.find_parent(client, self.sweep_id)
+            if existing is not None:
+                raise StageError(f"sweep {self.sweep_id!r} already exists (parent run "
+                                 f"{existing.info.run_id}): give this sweep its own "
+                                 "hydra.sweep.dir")
+            experiment = tracking.experiment_id(client, config.tracking.experiment_name)
+            choices = config.hydra.runtime.choices
+            tags = {**tracking.source_tags(), sweep.SWEEP_TAG: self.sweep_id,
+                    sweep.ROLE_TAG: "parent", "stage": "train sweep",
+                    "sweep_dir": str(Path(config.hydra.sweep.dir).resolve()),
+                    "sweep_overrides": " ".join(config.hydra.overrides.task),
+                    sweep.SWEPT_TAG: json.dumps(sweep.swept_keys(config.hydra.overrides.task)),
+                    "launcher": str(choices.get("hydra/launcher")),
+                    "preset": str(choices.get("experiment"))}
+            run = client.create_run(experiment, run_name=f"sweep {self.sweep_id}", tags=tags)
+            self.parent_run_id = run.info.run_id
+        except Exception as exc:
+            exit_with_error(exc)
+        log.info("sweep %s: parent run %s in experiment %r", self.sweep_id, self.parent_run_id,
+                 config.tracking.experiment_name)
+
+    def on_multirun_end(self, config: DictConfig, **kwargs) -> None:
+        try:
+            summary, failed = self._finish(config)
+        except Exception as exc:
+            exit_with_error(exc)
+        if failed:
+            exit_with_error(StageError(summary))
+        print(summary, flush=True)
+
+    def _finish(self, config: DictConfig) -> tuple[str, bool]:
+        client = tracking.connect(config.tracking)
+        runs = tracking.search_runs(client, sweep.jobs_filter(self.sweep_id))
+        by_status: dict[str, list] = {}
+        for run in runs:
+            by_status.setdefault(run.info.status, []).append(run)
+        recorded = {int(run.data.tags.get(sweep.JOB_TAG, -1)) for run in runs}
+        unrecorded = {num: overrides for num, overrides
+                      in launched_jobs(Path(config.hydra.sweep.dir)).items()
+                      if num not in recorded}
+        finished = by_status.get("FINISHED", [])
+        not_finished = [run for status, group in by_status.items() if status != "FINISHED"
+                        for run in group]
+        jobs = len(runs) + len(unrecorded)
+
+        parent = client.get_run(self.parent_run_id)
+        wall = time.time() - parent.info.start_time / 1000
+        job_seconds = sum(run.data.metrics.get("job_seconds", 0.0) for run in runs)
+        train_seconds = sum(run.data.metrics.get("train_seconds", 0.0) for run in runs)
+        metrics = {"sweep_seconds": wall, "jobs": jobs, "jobs_finished": len(finished),
+                   "jobs_failed": jobs - len(finished), "job_seconds_sum": job_seconds,
+                   "train_seconds_sum": train_seconds}
+        if job_seconds > 0:
+            metrics["parallel_ratio"] = wall / job_seconds  # 1: serial; 1/n_jobs: ideal
+        tracking.log_metrics(client, self.parent_run_id, metrics)
+
+        timing = (f"{wall:.0f} s wall, the jobs' own times sum to {job_seconds:.0f} s"
+                  + (f" (ratio {wall / job_seconds:.2f})" if job_seconds > 0 else ""))
+        if not not_finished and not unrecorded:
+            client.set_terminated(self.parent_run_id, "FINISHED")
+            return (f"sweep {self.sweep_id}: {jobs} jobs finished, {timing}; parent run "
+                    f"{self.parent_run_id}; report: python -m pipeline.compare "
+                    f"sweep={self.sweep_id}"), False
+        swept = json.loads(parent.data.tags.get(sweep.SWEPT_TAG, "[]"))
+        problems = [f"{_job_label(run, swept)} {run.info.status}: "
+                    f"{run.data.tags.get(tracking.ERROR_TAG, 'no error recorded')}"
+                    for run in sorted(not_finished,
+                                      key=lambda r: int(r.data.tags.get(sweep.JOB_TAG, -1)))]
+        problems += [f"job {num} ({overrides}) left no run in MLflow (see its log in "
+                     f"{Path(config.hydra.sweep.dir) / str(num)})"
+                     for num, overrides in sorted(unrecorded.items())]
+        summary = (f"sweep {self.sweep_id}: {jobs - len(finished)} of {jobs} jobs failed: "
+                   + "; ".join(problems) + f" ({len(finished)} finished, {timing}; parent "
+                   f"run {self.parent_run_id})")
+        tracking.end_failed(client, self.parent_run_id, summary)
+        return summary, True

@@ -1,0 +1,281 @@
+"""The multi-seed report of a sweep: per-configuration statistics, bi-minus-uni intervals, the
+verdict on the book's claim, and the Markdown page. Pure functions of the job table
+(pipeline.sweep_runs.job_table) and the book's numbers; no I/O.
+
+The book's claim (chapter 19.7): the bidirectional net is better with fewer parameters. We test
+"better" as a higher mean test accuracy with the best parameters (the table's accuracy) over
+seeds: it holds at a given confidence if Welch's interval for mean(bi) - mean(uni) lies above
+zero, and "fewer parameters" by the runs' parameter counts.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pandas as pd
+
+from pipeline import stats
+
+METRICS = {  # column -> (what, rule)
+    "test_acc_best": ("accuracy", "best"),
+    "test_loss_best": ("loss", "best"),
+    "test_acc_last": ("accuracy", "last"),
+    "test_loss_last": ("loss", "last"),
+}
+KIND_ORDER = {"uni": 0, "bi": 1}  # the book's order
+
+
+def finished(jobs: pd.DataFrame) -> pd.DataFrame:
+    return jobs[jobs["status"] == "FINISHED"]
+
+
+def _configurations(done: pd.DataFrame) -> list[str]:
+    labels = done[["kind", "configuration"]].drop_duplicates()
+    return sorted(labels["configuration"],
+                  key=lambda label: (KIND_ORDER.get(label.split()[0], 2), label))
+
+
+def summarize(jobs: pd.DataFrame) -> pd.DataFrame:
+    """One row per configuration of the finished jobs: its kind, parameter count, number of
+    seeds, and mean / std / min / max of every test metric (columns <metric>_mean, ...)."""
+    done = finished(jobs)
+    rows = []
+    for label in _configurations(done):
+        group = done[done["configuration"] == label]
+        row = {"configuration": label, "kind": group["kind"].iloc[0],
+               "param_count": int(group["param_count"].iloc[0]), "seeds": len(group),
+               "seed_list": " ".join(str(s) for s in sorted(group["seed"]))}
+        for metric in METRICS:
+            summary = stats.describe(group[metric].tolist())
+            row.update({f"{metric}_{field}": getattr(summary, field)
+                        for field in ("mean", "std", "min", "max")})
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def differences(jobs: pd.DataFrame, confidence: float) -> pd.DataFrame:
+    """Welch's interval of mean(bi) - mean(uni) for every test metric, for every pair of a bi
+    and a uni configuration that both have at least two finished seeds."""
+    done = finished(jobs)
+    labels = _configurations(done)
+    rows = []
+    for bi in (label for label in labels if label.split()[0] == "bi"):
+        for uni in (label for label in labels if label.split()[0] == "uni"):
+            a = done[done["configuration"] == bi]
+            b = done[done["configuration"] == uni]
+            if len(a) < 2 or len(b) < 2:
+                continue
+            row = {"bi": bi, "uni": uni, "bi_seeds": len(a), "uni_seeds": len(b),
+                   "bi_param_count": int(a["param_count"].iloc[0]),
+                   "uni_param_count": int(b["param_count"].iloc[0]), "confidence": confidence}
+            for metric in METRICS:
+                interval = stats.welch_interval(a[metric].tolist(), b[metric].tolist(),
+                                                confidence)
+                row.update({f"{metric}_diff": interval.difference,
+                            f"{metric}_low": interval.low, f"{metric}_high": interval.high,
+                            f"{metric}_dof": interval.dof})
+            rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def _points(fraction: float) -> str:
+    return f"{100 * fraction:+.2f}"
+
+
+def verdict(pair: pd.Series) -> str:
+    """One plain sentence (two at most) on the book's claim for one bi/uni pair."""
+    level = f"{100 * pair['confidence']:g}%"
+    diff, low, high = (pair[f"test_acc_best_{k}"] for k in ("diff", "low", "high"))
+    evidence = (f"`{pair['bi']}` minus `{pair['uni']}`: mean test accuracy (best parameters) "
+                f"{_points(diff)} points, {level} interval {_points(low)} to {_points(high)} "
+                f"({pair['bi_seeds']} and {pair['uni_seeds']} seeds, Welch's t with "
+                f"{pair['test_acc_best_dof']:.1f} degrees of freedom)")
+    fewer = pair["bi_param_count"] < pair["uni_param_count"]
+    params = (f"with {pair['bi_param_count']} parameters against {pair['uni_param_count']}")
+    if low > 0 and fewer:
+        claim = f"the book's claim holds at {level} confidence: bi is better {params}."
+    elif low > 0:
+        claim = (f"bi is better at {level} confidence, but {params} it is not smaller, so "
+                 "\"better with fewer parameters\" does not hold as stated.")
+    elif high < 0:
+        claim = (f"the book's claim does not hold: at {level} confidence uni is better "
+                 f"(bi {params}).")
+    else:
+        claim = (f"the interval contains zero, so at {level} confidence these seeds neither "
+                 f"confirm nor refute the book's claim (bi {params}).")
+    return f"{evidence}: {claim}"
+
+
+# ----------------------------------------------------------------------------- Markdown
+def _pct(value) -> str:
+    return "–" if value is None or pd.isna(value) else f"{100 * value:.2f}%"
+
+
+def _pt(value) -> str:  # a spread of accuracies, in percentage points
+    return "–" if value is None or pd.isna(value) else f"{100 * value:.2f}"
+
+
+def _loss(value) -> str:
+    return "–" if value is None or pd.isna(value) else f"{value:.4f}"
+
+
+def summary_markdown(summary: pd.DataFrame, book: dict) -> str:
+    rows = []
+    for _, row in summary.iterrows():
+        for rule in ("best", "last"):
+            acc, loss = f"test_acc_{rule}", f"test_loss_{rule}"
+            rows.append({
+                "configuration": f"`{row['configuration']}`", "parameters": row["param_count"],
+                "seeds": row["seeds"], "rule": rule,
+                "accuracy mean": _pct(row[f"{acc}_mean"]), "sd (points)": _pt(row[f"{acc}_std"]),
+                "min": _pct(row[f"{acc}_min"]), "max": _pct(row[f"{acc}_max"]),
+                "loss mean": _loss(row[f"{loss}_mean"]), "loss sd": _loss(row[f"{loss}_std"]),
+                "loss min": _loss(row[f"{loss}_min"]), "loss max": _loss(row[f"{loss}_max"])})
+    for kind in sorted(set(summary["kind"]), key=lambda k: KIND_ORDER.get(k, 2)):
+        for rule in ("best", "last"):
+            result = book["test"].get(kind, {}).get(rule)
+            if result is None:
+                continue
+            rows.append({"configuration": f"book, {kind} (one unseeded run)",
+                         "parameters": book["param_count"].get(kind, "–"), "seeds": 1,
+                         "rule": rule, "accuracy mean": _pct(result["accuracy"]),
+                         "sd (points)": "–", "min": "–", "max": "–",
+                         "loss mean": _loss(result["loss"]), "loss sd": "–", "loss min": "–",
+                         "loss max": "–"})
+    table = pd.DataFrame(rows)
+    return table.to_markdown(index=False, disable_numparse=True,
+                             colalign=["left"] + ["right"] * (table.shape[1] - 1))
+
+
+def differences_markdown(diffs: pd.DataFrame) -> str:
+    rows = []
+    for _, pair in diffs.iterrows():
+        level = f"{100 * pair['confidence']:g}%"
+        for rule in ("best", "last"):
+            acc, loss = f"test_acc_{rule}", f"test_loss_{rule}"
+            rows.append({
+                "bi − uni": f"`{pair['bi']}` − `{pair['uni']}`", "rule": rule,
+                "accuracy (points)": _points(pair[f"{acc}_diff"]),
+                f"{level} interval": f"{_points(pair[f'{acc}_low'])} to {_points(pair[f'{acc}_high'])}",
+                "dof": f"{pair[f'{acc}_dof']:.1f}",
+                "loss": f"{pair[f'{loss}_diff']:+.4f}",
+                f"loss {level} interval": f"{pair[f'{loss}_low']:+.4f} to {pair[f'{loss}_high']:+.4f}",
+            })
+    table = pd.DataFrame(rows)
+    return table.to_markdown(index=False, disable_numparse=True,
+                             colalign=["left"] + ["right"] * (table.shape[1] - 1))
+
+
+def runs_markdown(jobs: pd.DataFrame) -> str:
+    table = pd.DataFrame({
+        "job": jobs["job"], "configuration": [f"`{c}`" for c in jobs["configuration"]],
+        "seed": jobs["seed"], "status": jobs["status"],
+        "accuracy best": [_pct(v) for v in jobs["test_acc_best"]],
+        "loss best": [_loss(v) for v in jobs["test_loss_best"]],
+        "accuracy last": [_pct(v) for v in jobs["test_acc_last"]],
+        "loss last": [_loss(v) for v in jobs["test_loss_last"]],
+        "train s": ["–" if pd.isna(v) else f"{v:.0f}" for v in jobs["train_seconds"]],
+        "job s": ["–" if pd.isna(v) else f"{v:.0f}" for v in jobs["job_seconds"]],
+        "run": [f"`{r}`" for r in jobs["run_id"]],
+    })
+    return table.to_markdown(index=False, disable_numparse=True)
+
+
+def timing(jobs: pd.DataFrame, wall_seconds: float | None, launcher: str) -> str:
+    job_sum = jobs["job_seconds"].sum(skipna=True)
+    train_sum = jobs["train_seconds"].sum(skipna=True)
+    if wall_seconds is None or not job_sum > 0:
+        return (f"The jobs' own times sum to {job_sum:.0f} s (training alone "
+                f"{train_sum:.0f} s); the sweep's wall time is not recorded (no parent run, or "
+                "the sweep has not ended).")
+    return (f"Wall time of the sweep (its parent run, start to end): {wall_seconds:.0f} s, "
+            f"launcher `{launcher}`. The jobs' own times (`job_seconds`: data, training, "
+            f"testing, tracking) sum to {job_sum:.0f} s, training alone (`train_seconds`) to "
+            f"{train_sum:.0f} s: wall time / sum of job times = "
+            f"**{wall_seconds / job_sum:.2f}** (1 is serial; 1/n for n perfectly parallel "
+            "jobs). Each job's time was measured while the others ran, so contention for "
+            "memory bandwidth is inside it.")
+
+
+def page(context: dict, summary: pd.DataFrame, diffs: pd.DataFrame, jobs: pd.DataFrame,
+         book: dict) -> str:
+    """The whole reports/sweeps/<id>/report.md. ``context``: sweep_id, experiment, parent,
+    sweep_overrides, preset, dataset, training, confidence, wall_seconds, launcher."""
+    counts = jobs["status"].value_counts()
+    status = ", ".join(f"{n} {s.lower()}" for s, n in counts.items())
+    warning = ("" if context["preset"] == "book" else
+               f"\n> **Preset `{context['preset']}`**: not the book's configuration; the "
+               "book's numbers are shown only as a reference point.\n")
+    if context["dataset"] != "mnist":
+        warning += (f"\n> **Dataset `{context['dataset']}`**: the book's numbers are for "
+                    "MNIST.\n")
+    level = f"{100 * context['confidence']:g}%"
+    verdicts = ("\n".join(f"- {verdict(pair)}" for _, pair in diffs.iterrows()) if len(diffs)
+                else "No pair of a bi and a uni configuration has two or more finished seeds "
+                     "each: an interval needs at least two.")
+    failures = jobs[jobs["status"] != "FINISHED"]
+    failed_text = ("" if failures.empty else "\n\nNot included (did not finish):\n\n" + "\n".join(
+        f"- job {row.job} (`{row.configuration}`, seed {row.seed}), {row.status}: "
+        f"{row.error or 'no error recorded'}" for row in failures.itertuples()))
+    dataset = "MNIST" if context["dataset"] == "mnist" else context["dataset"]
+    return f"""# Sweep `{context['sweep_id']}`: unidirectional vs bidirectional RNN over seeds ({dataset})
+
+Generated by `python -m pipeline.compare sweep={context['sweep_id']}` from the MLflow runs
+tagged `sweep_id={context['sweep_id']}` (experiment `{context['experiment']}`, parent run
+`{context['parent']}`); do not edit by hand.
+{warning}
+Sweep: `{context['sweep_overrides']}`, preset `{context['preset']}`. Jobs: {len(jobs)}
+({status}). Training: {context['training']}. Test set: the 10,000 {dataset} test images;
+"best" parameters are those with the lowest validation loss, "last" those after the final
+update. A seed sets the initialisation and the shuffling; the data split is the same for all.
+
+## Test results over seeds
+
+{summary_markdown(summary, book)}
+
+Standard deviations are the sample standard deviations over seeds (n − 1). The book's rows
+are its printed single runs (`data/book/table_19_12.yaml`).
+
+![Test accuracy and loss of every seed, next to the book's single runs](per_seed.png)
+
+## Bidirectional minus unidirectional
+
+{differences_markdown(diffs) if len(diffs) else ""}
+
+{verdicts}
+
+Intervals: Welch's t ({level}), which does not assume equal variances; degrees of freedom by
+Welch–Satterthwaite. Positive accuracy and negative loss differences favour bi.
+
+## Runs
+
+{runs_markdown(jobs)}{failed_text}
+
+## Timing
+
+{timing(jobs, context['wall_seconds'], context['launcher'])}
+
+CSV files with full precision: `runs.csv` (one row per job), `summary.csv` (per
+configuration), `differences.csv` (bi minus uni).
+"""
+
+
+def parent_metrics(summary: pd.DataFrame, diffs: pd.DataFrame) -> dict[str, float]:
+    """The report's numbers as metrics of the sweep's parent run, e.g. ``uni.test_acc_best.mean``,
+    ``bi-uni.test_acc_best.low`` (labels with characters MLflow refuses get '_')."""
+    def key(text: str) -> str:
+        return "".join(c if c.isalnum() or c in "_-. /:" else "_" for c in text)
+
+    metrics = {}
+    for _, row in summary.iterrows():
+        for metric in METRICS:
+            for field in ("mean", "std", "min", "max"):
+                value = row[f"{metric}_{field}"]
+                if not math.isnan(value):
+                    metrics[key(f"{row['configuration']}.{metric}.{field}")] = value
+        metrics[key(f"{row['configuration']}.seeds")] = row["seeds"]
+    for _, pair in diffs.iterrows():
+        for metric in METRICS:
+            for field in ("diff", "low", "high"):
+                metrics[key(f"{pair['bi']}-{pair['uni']}.{metric}.{field}")] = pair[f"{metric}_{field}"]
+    return metrics

@@ -1,0 +1,108 @@
+"""A sweep's runs from MLflow alone, as one table (one row per job).
+
+Everything comes from the tracking store (tags, params, metrics), none from local files, so a
+sweep whose jobs ran on other machines against the same server reads the same.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+
+import pandas as pd
+
+from pipeline import sweep, tracking
+from pipeline.cli import StageError
+
+TEST_METRICS = ("test_acc_best", "test_loss_best", "test_acc_last", "test_loss_last")
+SEED_KEY = "train.seed"
+
+
+@dataclass
+class SweepRuns:
+    sweep_id: str
+    parent: object | None  # mlflow Run, or None when the sweep had no start hook
+    jobs: pd.DataFrame  # one row per job run, see job_table
+    experiment: str  # the experiment's name
+    training: str  # the training settings the finished jobs share, as a sentence
+    dataset: str  # the dataset tag of the runs ("mnist")
+
+
+def _known_sweeps(client, limit: int = 5) -> str:
+    parents = tracking.search_runs(client, f"tags.{sweep.ROLE_TAG} = 'parent'")
+    parents.sort(key=lambda run: run.info.start_time, reverse=True)
+    ids = [run.data.tags.get(sweep.SWEEP_TAG, "?") for run in parents[:limit]]
+    return f"recent sweeps: {', '.join(ids)}" if ids else "the store has no sweeps"
+
+
+def _overrides(run) -> dict[str, str]:
+    """{'model': 'uni', 'train.seed': '3'} from the run's hydra_overrides tag."""
+    listed = json.loads(run.data.tags.get("hydra_overrides", "[]"))
+    return {sweep.override_key(o): o for o in listed}
+
+
+def configuration_labels(runs: list) -> list[str]:
+    """What distinguishes each run's configuration, besides its seed: the model kind, then
+    the run's overrides of every key whose value differs between the sweep's runs
+    ('uni', 'bi model.merge=concat'). Runs of one configuration share a label."""
+    overrides = [_overrides(run) for run in runs]
+    keys = sorted({key for o in overrides for key in o})
+    varying = [key for key in keys if key not in ("model", SEED_KEY)
+               and len({o.get(key) for o in overrides}) > 1]
+    return [" ".join([run.data.tags.get("model_kind", "?"),
+                      *(o[key] for key in varying if key in o)])
+            for run, o in zip(runs, overrides)]
+
+
+def job_table(runs: list) -> pd.DataFrame:
+    labels = configuration_labels(runs)
+    rows = []
+    for run, label in zip(runs, labels):
+        metrics, params, tags = run.data.metrics, run.data.params, run.data.tags
+        rows.append({
+            "job": int(tags.get(sweep.JOB_TAG, -1)), "configuration": label,
+            "kind": tags.get("model_kind", "?"),
+            "seed": int(params.get(SEED_KEY, tags.get("seed", -1))),
+            "status": run.info.status,
+            "param_count": int(params["param_count"]) if "param_count" in params else None,
+            **{key: metrics.get(key) for key in TEST_METRICS},
+            "train_seconds": metrics.get("train_seconds"),
+            "job_seconds": metrics.get("job_seconds"),
+            "run_id": run.info.run_id, "error": tags.get(tracking.ERROR_TAG, ""),
+        })
+    return pd.DataFrame(rows).sort_values("job", kind="stable").reset_index(drop=True)
+
+
+def _training(run) -> str:
+    params = run.data.params
+    return (f"{params['train.epochs']} epochs, batch {params['train.batch_size']}, checkpoint "
+            f"every {params['train.checkpoint_every']} epoch, {params['data.train_samples']} "
+            f"training / {params['data.val_samples']} validation samples, "
+            f"{params['train.dtype']}")
+
+
+def fetch(client, sweep_id: str) -> SweepRuns:
+    """The sweep's parent and job runs, checked: one-line StageErrors for an unknown id, a
+    finished job without test metrics, or jobs spread over several experiments."""
+    sweep_id = sweep.check_id(sweep_id)
+    runs = tracking.search_runs(client, sweep.jobs_filter(sweep_id))
+    if not runs:
+        raise StageError(f"sweep={sweep_id}: no runs tagged {sweep.SWEEP_TAG}={sweep_id!r} in "
+                         f"tracking store {client.tracking_uri} ({_known_sweeps(client)})")
+    experiments = {run.info.experiment_id for run in runs}
+    if len(experiments) > 1:
+        raise StageError(f"sweep={sweep_id}: its runs are in several experiments "
+                         f"({', '.join(sorted(experiments))}); a sweep tracks into one")
+    for run in runs:
+        missing = [key for key in TEST_METRICS if key not in run.data.metrics]
+        if run.info.status == "FINISHED" and missing:
+            raise StageError(f"sweep={sweep_id}: run {run.info.run_id} (job "
+                             f"{run.data.tags.get(sweep.JOB_TAG)}) finished without "
+                             f"{', '.join(missing)}: it was not tested on the test set")
+    finished = [run for run in runs if run.info.status == "FINISHED"]
+    settings = {_training(run) for run in finished}
+    return SweepRuns(sweep_id=sweep_id, parent=sweep.find_parent(client, sweep_id),
+                     jobs=job_table(runs),
+                     experiment=client.get_experiment(experiments.pop()).name,
+                     training="; ".join(sorted(settings)),
+                     dataset=", ".join(sorted({run.data.tags.get("dataset", "?") for run in runs})))
