@@ -10,15 +10,18 @@ unreachable server would otherwise look like a hang. The defaults are restored a
 that a long training run still rides out a brief server hiccup.
 
 Parallel writers. Several processes (a sweep's parallel jobs) may write to one SQLite file.
-MLflow already gives every session a 20 s busy timeout, but SQLite answers "database is
-locked" at once, without waiting, when two transactions that began by reading both want to
-write (MLflow's writes read the run first). :func:`connect` therefore returns a client whose
-calls retry on that error, a bounded number of times with growing, jittered waits
-(:class:`LockRetryingClient`); a retried write is safe because the failed transaction was
-rolled back whole. (WAL journaling would not remove that case and would permanently change
-the user's database file, so we leave the journal mode alone.) Creating the experiment and
-the first use of a fresh SQLite file (MLflow's schema migrations) happen once, in the sweep's
-start hook, before any job runs: see :mod:`pipeline.sweep_callback`.
+MLflow gives every session a 20 s busy timeout, so a writer waits while another commits:
+measured here, four processes making 300 writes each into one file lost nothing and saw no
+error. A lock error is still possible when a wait outlasts that (a long read by the UI, a slow
+or network disk), and SQLite answers "database is locked" at once when it sees two
+transactions deadlock, each upgrading from reading to writing; a server backed by SQLite passes
+the same text on. :func:`connect` therefore returns a client whose calls retry on that error,
+a bounded number of times with growing, jittered waits (:class:`LockRetryingClient`); a
+retried write is safe because the failed transaction was rolled back whole (and MLflow drops
+a metric value it already holds). WAL journaling would not remove the deadlock case and would
+permanently change the user's database file, so the journal mode is left alone. Creating the
+experiment and the first use of a fresh SQLite file (MLflow's schema migrations) happen once,
+in the sweep's start hook, before any job runs: see :mod:`pipeline.sweep_callback`.
 
 Grouping. A single training run is a top-level run named after its model (``uni``, ``bi``).
 The compare stage creates a report run and makes the runs it compared its children (the

@@ -127,3 +127,58 @@ def test_adopted_runs_are_nested_under_the_report_run(tmp_path):
     for child in children:
         assert client.get_run(child).data.tags[tracking.PARENT_TAG] == parent
     assert client.get_run(parent).data.tags[tracking.COMPARED_TAG] == ",".join(children)
+
+
+class FlakyClient:
+    """Raises MLflow's wrapping of SQLite's lock error ``locked`` times, then answers."""
+
+    tracking_uri = "sqlite:////x.db"
+
+    def __init__(self, locked: int, error: str = "(sqlite3.OperationalError) database is locked"):
+        self.locked, self.error, self.calls = locked, error, 0
+
+    def log_batch(self, run_id, metrics=()):
+        from mlflow.exceptions import MlflowException
+
+        self.calls += 1
+        if self.calls <= self.locked:
+            raise MlflowException(self.error)
+        return run_id
+
+
+def test_lock_errors_are_retried_with_growing_waits():
+    waits = []
+    client = tracking.LockRetryingClient(FlakyClient(locked=3), attempts=8, first_wait=0.2,
+                                         max_wait=5.0, sleep=waits.append)
+    assert client.log_batch("run", metrics=[]) == "run"
+    assert client._client.calls == 4 and len(waits) == 3
+    for attempt, wait in enumerate(waits):  # 0.2, 0.4, 0.8, each jittered by +-50%
+        assert 0.1 * 2 ** attempt <= wait <= 0.3 * 2 ** attempt
+    assert client.tracking_uri == "sqlite:////x.db"  # attributes pass through
+
+
+def test_lock_retries_are_bounded():
+    from mlflow.exceptions import MlflowException
+
+    waits = []
+    client = tracking.LockRetryingClient(FlakyClient(locked=100), attempts=5, sleep=waits.append)
+    with pytest.raises(MlflowException, match="database is locked"):
+        client.log_batch("run")
+    assert client._client.calls == 5 and len(waits) == 4
+    assert max(waits) <= 5.0 * 1.5
+
+
+def test_other_errors_are_not_retried():
+    from mlflow.exceptions import MlflowException
+
+    waits = []
+    client = tracking.LockRetryingClient(FlakyClient(locked=1, error="run xyz not found"),
+                                         sleep=waits.append)
+    with pytest.raises(MlflowException, match="not found"):
+        client.log_batch("run")
+    assert client._client.calls == 1 and waits == []
+
+
+def test_connect_returns_a_lock_retrying_client(tmp_path):
+    client = tracking.connect(tracking_cfg(f"sqlite:///{tmp_path / 'mlflow.db'}"))
+    assert isinstance(client, tracking.LockRetryingClient)

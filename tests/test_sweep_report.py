@@ -1,0 +1,139 @@
+"""The sweep report's pieces without MLflow: sweep ids, configuration labels, the aggregation
+over seeds, the bi-minus-uni intervals and the sentence on the book's claim."""
+
+from __future__ import annotations
+
+import json
+import math
+from types import SimpleNamespace
+
+import pandas as pd
+import pytest
+
+from pipeline import stats, sweep, sweep_report, sweep_runs
+from pipeline.cli import StageError
+
+
+@pytest.mark.parametrize("sweep_dir, expected", [
+    ("multirun/2026-11-28/12-34-56", "2026-11-28_12-34-56"),  # Hydra's default
+    ("multirun/seeds", "seeds"),
+    ("sweeps/lr", "sweeps_lr"),
+    ("/tmp/x/sweep", "tmp_x_sweep"),
+])
+def test_sweep_id_from_the_sweep_dir(sweep_dir, expected):
+    assert sweep.sweep_id(sweep_dir) == expected
+
+
+def test_sweep_ids_with_quotes_are_refused():
+    with pytest.raises(StageError, match="hydra.sweep.dir"):
+        sweep.sweep_id("multirun/it's")
+    with pytest.raises(StageError, match="sweep: .* is not a sweep id"):
+        sweep.check_id("a'b")
+
+
+def test_swept_keys_are_the_ones_with_several_values():
+    assert sweep.swept_keys(["model=uni,bi", "train.seed=range(0,3)", "experiment=quick",
+                             "model.lr_milestones={30:0.007,50:0.005}"]) == ["model", "train.seed"]
+    assert sweep.override_key("+model.lr=1e6") == "model.lr"
+
+
+def fake_run(job: int, overrides: list[str], kind: str, status: str = "FINISHED", **metrics):
+    return SimpleNamespace(
+        info=SimpleNamespace(run_id=f"run{job}", status=status),
+        data=SimpleNamespace(
+            tags={"hydra_overrides": json.dumps(overrides), "model_kind": kind,
+                  sweep.JOB_TAG: str(job)},
+            params={"train.seed": next((o.split("=")[1] for o in overrides
+                                        if o.startswith("train.seed=")), "0"),
+                    "param_count": "2282" if kind == "uni" else "2170"},
+            metrics=metrics))
+
+
+def test_configuration_labels_name_what_varies_besides_the_seed():
+    runs = [fake_run(0, ["experiment=quick", "model=uni", "train.seed=0"], "uni"),
+            fake_run(1, ["experiment=quick", "model=bi", "model.merge=sum", "train.seed=0"], "bi"),
+            fake_run(2, ["experiment=quick", "model=bi", "model.merge=concat", "train.seed=1"], "bi")]
+    assert sweep_runs.configuration_labels(runs) == ["uni", "bi model.merge=sum",
+                                                     "bi model.merge=concat"]
+
+
+UNI = [0.9449, 0.9506, 0.9404]  # the seed notes' uni best accuracies (seeds 0-2)
+BI = [0.9538, 0.9495, 0.9488]  # and bi's
+
+
+def job_table(uni=UNI, bi=BI, uni_params=2282, bi_params=2170) -> pd.DataFrame:
+    rows = []
+    for kind, values, params in (("uni", uni, uni_params), ("bi", bi, bi_params)):
+        for seed, acc in enumerate(values):
+            rows.append({"job": len(rows), "configuration": kind, "kind": kind, "seed": seed,
+                         "status": "FINISHED", "param_count": params,
+                         "test_acc_best": acc, "test_loss_best": 1 - acc,
+                         "test_acc_last": acc - 0.001, "test_loss_last": 1.01 - acc,
+                         "train_seconds": 60.0, "job_seconds": 70.0, "run_id": f"r{len(rows)}",
+                         "error": ""})
+    rows.append({**rows[0], "job": len(rows), "status": "FAILED", "test_acc_best": None,
+                 "error": "training loss became 1e4"})
+    return pd.DataFrame(rows)
+
+
+def test_summary_is_mean_sd_min_max_over_finished_seeds():
+    summary = sweep_report.summarize(job_table()).set_index("configuration")
+    assert list(summary.index) == ["uni", "bi"]  # the book's order; the failed job left out
+    uni = summary.loc["uni"]
+    assert uni["seeds"] == 3 and uni["param_count"] == 2282
+    assert uni["test_acc_best_mean"] == pytest.approx((0.9449 + 0.9506 + 0.9404) / 3, abs=1e-12)
+    # deviations from 0.945633...: -0.000733, 0.004967, -0.005233; sd = sqrt(sum sq / 2)
+    assert uni["test_acc_best_std"] == pytest.approx(0.0051117, abs=1e-7)
+    assert (uni["test_acc_best_min"], uni["test_acc_best_max"]) == (0.9404, 0.9506)
+    assert summary.loc["bi", "test_loss_last_mean"] == pytest.approx(
+        1.01 - sum(BI) / 3, abs=1e-12)
+
+
+def test_differences_are_welch_intervals_of_bi_minus_uni():
+    diffs = sweep_report.differences(job_table(), confidence=0.95)
+    assert len(diffs) == 1
+    pair = diffs.iloc[0]
+    expected = stats.welch_interval(BI, UNI, 0.95)
+    assert (pair["test_acc_best_diff"], pair["test_acc_best_low"], pair["test_acc_best_high"]) \
+        == pytest.approx((expected.difference, expected.low, expected.high))
+    assert pair["test_loss_best_diff"] == pytest.approx(-expected.difference)
+    assert pair["test_acc_best_dof"] == pytest.approx(expected.dof)
+
+
+def test_no_interval_from_a_single_seed():
+    assert sweep_report.differences(job_table(uni=[0.95]), 0.95).empty
+
+
+@pytest.mark.parametrize("uni, bi, bi_params, words", [
+    ([0.940, 0.942, 0.941], [0.958, 0.957, 0.959], 2170, "the book's claim holds at 95% confidence"),
+    (UNI, BI, 2170, "neither confirm nor refute"),
+    ([0.958, 0.957, 0.959], [0.940, 0.942, 0.941], 2170, "does not hold: at 95% confidence uni is better"),
+    ([0.940, 0.942, 0.941], [0.958, 0.957, 0.959], 2370, "it is not smaller"),
+])
+def test_verdict_sentence(uni, bi, bi_params, words):
+    pair = sweep_report.differences(job_table(uni, bi, bi_params=bi_params), 0.95).iloc[0]
+    sentence = sweep_report.verdict(pair)
+    assert words in sentence
+    assert f"{100 * (sum(bi) / 3 - sum(uni) / 3):+.2f} points" in sentence
+    assert "Welch's t with" in sentence
+
+
+def test_page_lists_the_failed_job_and_the_books_rows():
+    book = {"test": {"uni": {"best": {"loss": 0.176821, "accuracy": 0.9517},
+                             "last": {"loss": 0.186573, "accuracy": 0.9488}},
+                     "bi": {"best": {"loss": 0.146799, "accuracy": 0.958},
+                            "last": {"loss": 0.144703, "accuracy": 0.958}}},
+            "param_count": {"uni": 2281, "bi": 2060}}
+    jobs = job_table()
+    summary = sweep_report.summarize(jobs)
+    diffs = sweep_report.differences(jobs, 0.95)
+    context = {"sweep_id": "s", "experiment": "e", "parent": "p", "sweep_overrides": "model=uni,bi",
+               "preset": "book", "dataset": "mnist", "training": "t", "confidence": 0.95,
+               "wall_seconds": 200.0, "launcher": "joblib"}
+    text = sweep_report.page(context, summary, diffs, jobs, book)
+    assert "| book, uni (one unseeded run) |" in text and "95.17%" in text
+    assert "job 6 (`uni`, seed 0), FAILED: training loss became 1e4" in text
+    assert "wall time / sum of job times = **0.41**" in text  # 200 / (7 jobs x 70 s)
+    metrics = sweep_report.parent_metrics(summary, diffs)
+    assert metrics["uni.test_acc_best.mean"] == pytest.approx(sum(UNI) / 3)
+    assert not any(math.isnan(v) for v in metrics.values())

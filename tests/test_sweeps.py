@@ -1,0 +1,265 @@
+"""Sweeps through the real entry points: parallel jobs (joblib, 2 at a time) into one SQLite
+store, grouped under their sweep; failing jobs that do not stop the others; the multi-seed
+report built from MLflow alone; bad input.
+
+Every sweep here is tiny (1 epoch on 1,500 samples: a few seconds a job) and tracks into its
+own SQLite file with metrics sent at every checkpoint (flush_every_seconds=0), the most
+writes the jobs can make.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+
+import pandas as pd
+import pytest
+from mlflow.tracking import MlflowClient
+
+from pipeline import sweep
+from pipeline_testkit import ROOT, error_lines, stage
+
+CHECKPOINT_METRICS = ("val_loss", "val_acc", "train_loss", "train_acc", "lr")
+TEST_METRICS = ("test_loss_best", "test_acc_best", "test_loss_last", "test_acc_last")
+TINY = ("experiment=quick", "train.epochs=1", "train.train_limit=1500", "train.val_limit=300",
+        "tracking.flush_every_seconds=0")
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory) -> dict:
+    tmp = tmp_path_factory.mktemp("sweeps")
+    prepared = tmp / "prepared"
+    raw = ROOT / "data" / "raw" / "mnist"
+    result = stage("prepare", f"data.raw_dir={raw}", f"data.manifest={raw / 'SHA256SUMS'}",
+                   f"paths.prepared_dir={prepared}", timeout=120)
+    assert result.returncode == 0, result.stderr
+    db = f"sqlite:///{tmp / 'mlflow.db'}"
+    return {"tmp": tmp, "db": db, "client": MlflowClient(db),
+            "paths": (f"tracking.uri={db}", f"paths.prepared_dir={prepared}",
+                      f"paths.models_dir={tmp / 'models'}", f"paths.metrics_dir={tmp / 'metrics'}",
+                      f"paths.reports_dir={tmp / 'reports'}")}
+
+
+def run_sweep(workspace: dict, name: str, *overrides: str):
+    sweep_dir = workspace["tmp"] / name
+    result = stage("train", "-m", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2",
+                   f"hydra.sweep.dir={sweep_dir}", *workspace["paths"], *TINY, *overrides,
+                   timeout=600)
+    return result, sweep.sweep_id(str(sweep_dir)), sweep_dir
+
+
+def compare(workspace: dict, *overrides: str):
+    paths = [p for p in workspace["paths"] if p.startswith(("tracking.", "paths.reports"))]
+    return stage("compare", *paths, *overrides, timeout=120)
+
+
+def runs_of(client, sweep_id: str, role: str) -> list:
+    experiments = [e.experiment_id for e in client.search_experiments()]
+    return client.search_runs(experiments, f"tags.sweep_id = '{sweep_id}' and "
+                                           f"tags.sweep_role = '{role}'")
+
+
+def by_job(runs) -> dict:
+    return {int(run.data.tags["sweep_job"]): run for run in runs}
+
+
+# ----------------------------------------------------------------------------- a good sweep
+@pytest.fixture(scope="module")
+def seeds(workspace) -> dict:
+    result, sweep_id, sweep_dir = run_sweep(workspace, "seeds", "model=uni,bi", "train.seed=0,1")
+    return {"result": result, "id": sweep_id, "dir": sweep_dir, "client": workspace["client"]}
+
+
+def test_parallel_sweep_ends_with_a_summary_line(seeds):
+    result = seeds["result"]
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert error_lines(result) == []
+    last = result.stdout.strip().splitlines()[-1]
+    assert last.startswith(f"sweep {seeds['id']}: 4 jobs finished, ")
+    assert last.endswith(f"report: python -m pipeline.compare sweep={seeds['id']}")
+
+
+def test_every_job_is_one_run_nested_under_the_sweeps_parent(seeds):
+    client = seeds["client"]
+    (parent,) = runs_of(client, seeds["id"], "parent")
+    assert parent.info.status == "FINISHED" and parent.info.run_name == f"sweep {seeds['id']}"
+    assert parent.data.tags["sweep_overrides"].endswith("model=uni,bi train.seed=0,1")
+    assert parent.data.metrics["jobs"] == 4 and parent.data.metrics["jobs_failed"] == 0
+    jobs = by_job(runs_of(client, seeds["id"], "job"))
+    assert sorted(jobs) == [0, 1, 2, 3]
+    assert {(r.data.tags["model_kind"], r.data.params["train.seed"]) for r in jobs.values()} == \
+        {("uni", "0"), ("uni", "1"), ("bi", "0"), ("bi", "1")}
+    for run in jobs.values():
+        assert run.info.status == "FINISHED"
+        assert run.data.tags["mlflow.parentRunId"] == parent.info.run_id
+        assert run.info.experiment_id == parent.info.experiment_id
+        assert run.data.tags["mlflow.source.name"] == "pipeline/train.py"  # not the worker's
+        seed = run.data.params["train.seed"]
+        assert run.info.run_name == f"{run.data.tags['model_kind']} train.seed={seed}"
+
+
+def test_every_metric_of_every_job_is_there_exactly_once(seeds):
+    client = seeds["client"]
+    for num, run in by_job(runs_of(client, seeds["id"], "job")).items():
+        kind = run.data.tags["model_kind"]
+        history = pd.read_csv(seeds["dir"] / str(num) / "models" / kind / "history.csv")
+        assert len(history) == 2  # 1 epoch, a checkpoint every half epoch
+        for key in CHECKPOINT_METRICS:
+            logged = client.get_metric_history(run.info.run_id, key)
+            assert sorted(m.step for m in logged) == history["iteration"].tolist(), (num, key)
+            assert [m.value for m in sorted(logged, key=lambda m: m.step)] == \
+                pytest.approx(history[key].tolist(), rel=1e-12)
+        for key in (*TEST_METRICS, "train_seconds", "job_seconds", "best_val_loss"):
+            assert len(client.get_metric_history(run.info.run_id, key)) == 1, (num, key)
+        assert 0.0 <= run.data.metrics["test_acc_best"] <= 1.0
+        assert run.data.tags["evaluated_on"] == "mnist test (10000 images)"
+        artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
+        assert {"best.npz", "history.csv", "run.json", "evaluation"} <= artifacts
+
+
+def test_jobs_write_their_files_under_their_own_folders(seeds, workspace):
+    for num, kind in ((0, "uni"), (1, "uni"), (2, "bi"), (3, "bi")):  # Hydra's job order
+        job_dir = seeds["dir"] / str(num)
+        assert (job_dir / "models" / kind / "best.npz").is_file()
+        assert (job_dir / "metrics" / f"train_{kind}.json").is_file()
+        assert (job_dir / "metrics" / "test.json").is_file()
+    # the single-run folders (the DVC pipeline's models/ and metrics/) are left alone
+    assert not (workspace["tmp"] / "models").exists()
+    assert not (workspace["tmp"] / "metrics").exists()
+
+
+def test_jobs_ran_two_at_a_time(seeds):
+    runs = runs_of(seeds["client"], seeds["id"], "job")
+    spans = sorted((r.info.start_time, r.info.end_time) for r in runs)
+    overlapping = sum(1 for (s1, e1), (s2, e2) in zip(spans, spans[1:]) if s2 < e1)
+    assert overlapping >= 1, spans
+
+
+def test_a_used_sweep_dir_is_refused_before_any_job_runs(seeds, workspace):
+    result, _, _ = run_sweep(workspace, "seeds", "model=uni")
+    assert result.returncode == 1
+    lines = error_lines(result)
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith(f"error: sweep {seeds['id']!r} already exists (parent run ")
+    assert len(runs_of(seeds["client"], seeds["id"], "job")) == 4
+
+
+# ----------------------------------------------------------------------------- the report
+@pytest.fixture(scope="module")
+def report(seeds, workspace) -> dict:
+    # From MLflow alone: the sweep's folder (models, logs) is out of the way meanwhile.
+    hidden = seeds["dir"].with_name("hidden")
+    os.rename(seeds["dir"], hidden)
+    try:
+        result = compare(workspace, f"sweep={seeds['id']}")
+    finally:
+        os.rename(hidden, seeds["dir"])
+    return {"result": result, "dir": workspace["tmp"] / "reports" / "sweeps" / seeds["id"]}
+
+
+def test_report_aggregates_the_runs_of_the_sweep(report, seeds):
+    assert report["result"].returncode == 0, report["result"].stderr
+    runs = by_job(runs_of(seeds["client"], seeds["id"], "job"))
+    summary = pd.read_csv(report["dir"] / "summary.csv").set_index("configuration")
+    assert list(summary.index) == ["uni", "bi"]
+    for kind in ("uni", "bi"):
+        accs = [r.data.metrics["test_acc_best"] for r in runs.values()
+                if r.data.tags["model_kind"] == kind]
+        assert summary.loc[kind, "seeds"] == 2
+        assert summary.loc[kind, "test_acc_best_mean"] == pytest.approx(sum(accs) / 2, rel=1e-12)
+        assert summary.loc[kind, "test_acc_best_min"] == min(accs)
+    table = pd.read_csv(report["dir"] / "runs.csv")
+    assert sorted(table["job"]) == [0, 1, 2, 3] and set(table["status"]) == {"FINISHED"}
+    diffs = pd.read_csv(report["dir"] / "differences.csv")
+    assert len(diffs) == 1 and diffs.loc[0, "bi"] == "bi" and diffs.loc[0, "uni"] == "uni"
+    assert diffs.loc[0, "test_acc_best_diff"] == pytest.approx(
+        summary.loc["bi", "test_acc_best_mean"] - summary.loc["uni", "test_acc_best_mean"])
+
+
+def test_report_page_figure_and_parent_run(report, seeds):
+    page = (report["dir"] / "report.md").read_text()
+    assert page.startswith(f"# Sweep `{seeds['id']}`")
+    assert "## Bidirectional minus unidirectional" in page and "per_seed.png" in page
+    assert re.search(r"^\| book, bi \(one unseeded run\) +\|", page, flags=re.M)
+    verdict = re.search(r"^- `bi` minus `uni`: .*$", page, flags=re.M).group(0)
+    assert verdict[2:] in report["result"].stdout  # printed too
+    assert (report["dir"] / "per_seed.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    client = seeds["client"]
+    (parent,) = runs_of(client, seeds["id"], "parent")
+    assert {a.path for a in client.list_artifacts(parent.info.run_id, "report")} >= {
+        "report/report.md", "report/summary.csv", "report/per_seed.png"}
+    summary = pd.read_csv(report["dir"] / "summary.csv").set_index("configuration")
+    assert parent.data.metrics["uni.test_acc_best.mean"] == pytest.approx(
+        summary.loc["uni", "test_acc_best_mean"])
+    assert "bi-uni.test_acc_best.low" in parent.data.metrics
+
+
+# ----------------------------------------------------------------------------- failures
+@pytest.fixture(scope="module")
+def failing(workspace) -> dict:
+    # Jobs in Hydra's order: 0 lr 0.01 / bwd 20 (fine), 1 lr 0.01 / bwd 10 (the schema refuses
+    # unequal sizes for the sum merge), 2 lr 1e6 / bwd 20 (diverges), 3 lr 1e6 / bwd 10.
+    result, sweep_id, sweep_dir = run_sweep(workspace, "failing", "model=bi",
+                                            "model.lr=0.01,1e6", "model.hidden_bwd=20,10")
+    return {"result": result, "id": sweep_id, "dir": sweep_dir, "client": workspace["client"]}
+
+
+def test_failed_jobs_do_not_stop_the_others(failing):
+    jobs = by_job(runs_of(failing["client"], failing["id"], "job"))
+    assert sorted(jobs) == [0, 1, 2, 3]  # one run per job, failed or not
+    assert jobs[0].info.status == "FINISHED"
+    assert set(TEST_METRICS) <= set(jobs[0].data.metrics)
+    assert (failing["dir"] / "0" / "models" / "bi" / "best.npz").is_file()
+    for num in (1, 2, 3):
+        assert jobs[num].info.status == "FAILED"
+        assert not (failing["dir"] / str(num) / "models").exists()
+    assert jobs[1].data.tags["error"] == ("config error: model.hidden_bwd: must equal "
+                                          "model.hidden_fwd (20) for merge 'sum', got 10")
+    assert re.match(r"training loss became \S+ at epoch 0, iteration \d+ \(lr 1000000.0\)",
+                    jobs[2].data.tags["error"])
+    assert jobs[1].data.params["model.hidden_bwd"] == "10"  # a config failure keeps its config
+
+
+def test_a_sweep_with_failed_jobs_exits_1_naming_them(failing):
+    result = failing["result"]
+    assert result.returncode == 1
+    lines = error_lines(result)
+    assert any(line.startswith("error: job 2: training loss became") for line in lines)
+    summary = lines[-1]
+    assert summary.startswith(f"error: sweep {failing['id']}: 3 of 4 jobs failed: "
+                              "job 1 (model.lr=0.01 model.hidden_bwd=10) FAILED: config error: ")
+    assert "; job 2 (model.lr=1000000.0 model.hidden_bwd=20) FAILED: training loss became" in summary
+    assert "; job 3 (model.lr=1000000.0 model.hidden_bwd=10) FAILED: " in summary
+    (parent,) = runs_of(failing["client"], failing["id"], "parent")
+    assert parent.info.status == "FAILED"
+    assert parent.data.tags["error"] == summary.removeprefix("error: ")
+    assert parent.data.metrics["jobs_failed"] == 3
+
+
+# ----------------------------------------------------------------------------- bad input
+def test_compare_of_a_sweep_with_one_model_fails_in_one_line(failing, workspace):
+    result = compare(workspace, f"sweep={failing['id']}")
+    assert result.returncode == 1
+    assert error_lines(result) == [
+        f"error: sweep={failing['id']}: finished runs of bi only (4 jobs: 3 failed, 1 finished); "
+        "the report compares uni with bi, so the sweep needs finished runs of both "
+        "(e.g. model=uni,bi)"]
+    assert not (workspace["tmp"] / "reports" / "sweeps" / failing["id"]).exists()
+
+
+def test_compare_of_an_unknown_sweep_fails_in_one_line(workspace, seeds):
+    result = compare(workspace, "sweep=no-such-sweep")
+    assert result.returncode == 1
+    lines = error_lines(result)
+    assert len(lines) == 1
+    assert lines[0].startswith(f"error: sweep=no-such-sweep: no runs tagged sweep_id='no-such-sweep' "
+                               f"in tracking store {workspace['db']} (recent sweeps: ")
+    assert seeds["id"] in lines[0]
+    assert not (workspace["tmp"] / "reports" / "sweeps" / "no-such-sweep").exists()
+
+
+def test_compare_refuses_a_confidence_outside_its_range(workspace):
+    result = compare(workspace, "sweep=x", "confidence=1.5")
+    assert result.returncode == 1
+    assert error_lines(result) == ["error: config error: confidence: must be in [0.5, 1), got 1.5"]
