@@ -85,8 +85,21 @@ def _reported() -> Iterator[None]:
         print(f"error: {one_line(exc)}", file=sys.stderr, flush=True)
         sys.exit(1)
     except KeyboardInterrupt:
+        for hook in _on_interrupt:
+            try:
+                hook()
+            except Exception:  # interrupted twice, or the store is gone: exit regardless
+                pass
         print("error: interrupted", file=sys.stderr, flush=True)
         sys.exit(130)
+
+
+# Called on Ctrl-C before the stage exits (the sweep hook ends its parent run KILLED).
+_on_interrupt: list[Callable[[], None]] = []
+
+
+def on_interrupt(hook: Callable[[], None]) -> None:
+    _on_interrupt.append(hook)
 
 
 def exit_with_error(exc: BaseException) -> None:

@@ -25,7 +25,7 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
 from pipeline import schema, sweep, tracking
-from pipeline.cli import StageError, exit_with_error
+from pipeline.cli import StageError, exit_with_error, on_interrupt
 
 log = logging.getLogger(__name__)
 
@@ -81,8 +81,17 @@ class SweepCallback(Callback):
             self.parent_run_id = run.info.run_id
         except Exception as exc:
             exit_with_error(exc)
+        on_interrupt(lambda: self._interrupted(client))
         log.info("sweep %s: parent run %s in experiment %r", self.sweep_id, self.parent_run_id,
                  config.tracking.experiment_name)
+
+    def _interrupted(self, client) -> None:
+        """Ctrl-C: the parent and every job run still RUNNING end KILLED (a worker may be
+        stopped before it can mark its own run)."""
+        tracking.end_killed(client, self.parent_run_id)
+        for run in tracking.search_runs(client, sweep.jobs_filter(self.sweep_id)):
+            if run.info.status == "RUNNING":
+                tracking.end_killed(client, run.info.run_id)
 
     def on_multirun_end(self, config: DictConfig, **kwargs) -> None:
         try:

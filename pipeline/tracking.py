@@ -325,6 +325,11 @@ def end_failed(client, run_id: str, error: str) -> None:
     _end(client, run_id, "FAILED", error)
 
 
+def end_killed(client, run_id: str) -> None:
+    """Mark a run KILLED (Ctrl-C), as :func:`run` does for its own runs."""
+    _end(client, run_id, "KILLED", "interrupted")
+
+
 def _end(client, run_id: str, status: str, error: str) -> None:
     try:
         client.set_tag(run_id, ERROR_TAG, error[:5000])

@@ -11,14 +11,17 @@ from __future__ import annotations
 
 import os
 import re
-from pathlib import Path
+import signal
+import subprocess
+import sys
+import time
 
 import pandas as pd
 import pytest
 from mlflow.tracking import MlflowClient
 
 from pipeline import sweep
-from pipeline_testkit import ROOT, error_lines, stage
+from pipeline_testkit import ROOT, clean_env, error_lines, stage
 
 CHECKPOINT_METRICS = ("val_loss", "val_acc", "train_loss", "train_acc", "lr")
 TEST_METRICS = ("test_loss_best", "test_acc_best", "test_loss_last", "test_acc_last")
@@ -263,3 +266,29 @@ def test_compare_refuses_a_confidence_outside_its_range(workspace):
     result = compare(workspace, "sweep=x", "confidence=1.5")
     assert result.returncode == 1
     assert error_lines(result) == ["error: config error: confidence: must be in [0.5, 1), got 1.5"]
+
+
+def test_ctrl_c_ends_the_sweep_and_its_runs_killed(workspace):
+    sweep_dir = workspace["tmp"] / "interrupted"
+    sweep_id = sweep.sweep_id(str(sweep_dir))
+    command = [sys.executable, "-m", "pipeline.train", "-m", "hydra/launcher=joblib",
+               "hydra.launcher.n_jobs=2", f"hydra.sweep.dir={sweep_dir}", *workspace["paths"],
+               "experiment=quick", "train.epochs=50", "model=uni,bi"]
+    # A terminal's Ctrl-C sends SIGINT to the whole process group: the sweep and its workers.
+    process = subprocess.Popen(command, cwd=ROOT, env=clean_env(), stdout=subprocess.DEVNULL,
+                               stderr=subprocess.PIPE, text=True, start_new_session=True,
+                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    try:
+        deadline = time.monotonic() + 90
+        while len(runs_of(workspace["client"], sweep_id, "job")) < 2:
+            assert time.monotonic() < deadline and process.poll() is None, "jobs did not start"
+            time.sleep(0.5)
+        os.killpg(process.pid, signal.SIGINT)
+        _, stderr = process.communicate(timeout=60)
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+    assert process.returncode == 130 and stderr.strip().endswith("error: interrupted")
+    runs = runs_of(workspace["client"], sweep_id, "job") + runs_of(workspace["client"], sweep_id,
+                                                                    "parent")
+    assert [r.info.status for r in runs] == ["KILLED"] * 3
