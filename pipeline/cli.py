@@ -24,6 +24,7 @@ import contextlib
 import functools
 import logging
 import os
+import re
 import sys
 from typing import Callable, Iterator
 
@@ -64,6 +65,20 @@ def _expected_errors() -> tuple[type[BaseException], ...]:
     return tuple(errors)
 
 
+# Hydra launchers that come from plugin packages (conf/hydra/launcher/ presets extend them).
+LAUNCHER_PACKAGES = {"joblib": "hydra-joblib-launcher", "submitit_local": "hydra-submitit-launcher",
+                     "submitit_slurm": "hydra-submitit-launcher", "ray": "hydra-ray-launcher",
+                     "ray_aws": "hydra-ray-launcher"}
+
+
+def _launcher_hint(text: str) -> str:
+    """' (...)': which package provides a launcher Hydra could not find, if it is a plugin's."""
+    missing = re.search(r"Could not (?:load|find) 'hydra/launcher/(\w+)'", text)
+    package = LAUNCHER_PACKAGES.get(missing.group(1)) if missing else None
+    return (f" (launcher {missing.group(1)!r} comes from the {package} package, not installed "
+            "here: see the README, 'Sweeps past one machine')") if package else ""
+
+
 def one_line(exc: BaseException) -> str:
     """Describe an error in one line; OmegaConf errors are given as '<full key>: <reason>'."""
     cause = exc.__cause__ if isinstance(exc.__cause__, OmegaConfBaseException) else exc
@@ -71,6 +86,7 @@ def one_line(exc: BaseException) -> str:
         text = f"config error: {cause.full_key}: {cause.msg}"
     elif isinstance(exc, (schema.ConfigError, HydraException, OmegaConfBaseException)):
         text = f"config error: {str(exc).split('Config search path')[0]}"
+        text += _launcher_hint(text)
     else:
         text = str(exc) or type(exc).__name__
     return " ".join(text.split())
