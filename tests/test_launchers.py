@@ -153,6 +153,7 @@ def test_a_missing_launcher_plugin_is_a_one_line_error(tmp_path):
     lines = error_lines(result)
     assert len(lines) == 1, result.stderr
     assert "hydra/launcher/ray_local" in lines[0] and "hydra/launcher/ray'" in lines[0]
+    assert "comes from the hydra-ray-launcher package, not installed here" in lines[0]
     assert not (tmp_path / "multirun").exists()
 
 
