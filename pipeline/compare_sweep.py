@@ -1,11 +1,18 @@
-"""The compare stage's sweep mode: the multi-seed report of one sweep, from MLflow alone.
+"""The compare stage's sweep mode: the multi-seed report of a sweep, from MLflow alone.
 
     python -m pipeline.compare sweep=<id> [confidence=0.95]
+    python -m pipeline.compare 'sweep=[<id>,<id>]'    several sweeps' runs together
 
 writes reports/sweeps/<id>/ (report.md, runs.csv, summary.csv, differences.csv,
-per_seed.png) and logs the same files and the report's numbers to the sweep's parent run.
-The folder is written under a temporary name and swapped in whole, after the tracking calls:
-a failure leaves the previous report, or none, never half of one.
+per_seed.png; several sweeps: reports/sweeps/<id>+<id>/) and logs the same files and the
+report's numbers to the sweep's parent run (several sweeps: to a new report run named after
+them). The folder is written under a temporary name and swapped in whole after the tracking
+calls: a failure leaves the previous report, or none, never half of one.
+
+Several sweeps: one Hydra sweep is a product of values, and the models' groups differ (uni has
+no merge mode, bi no hidden_size), so comparing, say, bi's merge modes with uni takes two
+sweeps: ``-m model=uni train.seed=0,1,2,3,4`` and ``-m model=bi model.merge=sum,concat
+train.seed=0,1,2,3,4``, then ``'sweep=[<first>,<second>]'``.
 """
 
 from __future__ import annotations
@@ -14,13 +21,21 @@ import logging
 import time
 from pathlib import Path
 
-from omegaconf import DictConfig
+from omegaconf import DictConfig, ListConfig
 
-from pipeline import figures, io, report, sweep_report, sweep_runs, tracking
+from pipeline import figures, io, report, sweep, sweep_report, sweep_runs, tracking
 from pipeline.cli import StageError
 from pipeline.paths import project_path
 
 log = logging.getLogger(__name__)
+
+
+def requested_ids(value) -> list[str]:
+    """``sweep=<id>`` or ``sweep=[<id>,...]`` as a list of ids."""
+    values = list(value) if isinstance(value, (list, ListConfig)) else [value]
+    if not values or any(isinstance(v, (list, dict, ListConfig)) or v is None for v in values):
+        raise StageError(f"sweep: must be a sweep id or a list of them, got {value!r}")
+    return [sweep.check_id(str(v)) for v in values]
 
 
 def check_both_models(found: sweep_runs.SweepRuns) -> None:
@@ -30,9 +45,9 @@ def check_both_models(found: sweep_runs.SweepRuns) -> None:
         return
     counts = ", ".join(f"{n} {s.lower()}" for s, n in jobs["status"].value_counts().items())
     have = " and ".join(sorted(kinds)) + " only" if kinds else "none"
-    raise StageError(f"sweep={found.sweep_id}: finished runs of {have} ({len(jobs)} jobs: "
-                     f"{counts}); the report compares uni with bi, so the sweep needs "
-                     "finished runs of both (e.g. model=uni,bi)")
+    raise StageError(f"sweep={found.report_id}: finished runs of {have} ({len(jobs)} jobs: "
+                     f"{counts}); the report compares uni with bi, so it needs finished runs "
+                     "of both (e.g. model=uni,bi, or two sweeps: 'sweep=[<uni>,<bi>]')")
 
 
 def wall_seconds(parent) -> float | None:
@@ -41,16 +56,24 @@ def wall_seconds(parent) -> float | None:
     return (parent.info.end_time - parent.info.start_time) / 1000
 
 
-def context(found: sweep_runs.SweepRuns, confidence: float) -> dict:
-    parent = found.parent
-    tags = parent.data.tags if parent is not None else {}
-    return {"sweep_id": found.sweep_id, "experiment": found.experiment,
-            "parent": parent.info.run_id if parent is not None else "none",
-            "sweep_overrides": tags.get("sweep_overrides", "?"),
-            "preset": tags.get("preset", "?"), "launcher": tags.get("launcher", "?"),
-            "dataset": found.dataset,
-            "training": found.training, "confidence": confidence,
-            "wall_seconds": wall_seconds(parent)}
+def describe_sweeps(found: sweep_runs.SweepRuns) -> list[dict]:
+    parents = {p.data.tags.get(sweep.SWEEP_TAG): p for p in found.parents}
+    described = []
+    for sweep_id in found.sweep_ids:
+        parent = parents.get(sweep_id)
+        tags = parent.data.tags if parent is not None else {}
+        described.append({"id": sweep_id,
+                          "parent": parent.info.run_id if parent is not None else None,
+                          "overrides": tags.get("sweep_overrides", "?"),
+                          "preset": tags.get("preset", "?"), "launcher": tags.get("launcher", "?"),
+                          "wall_seconds": wall_seconds(parent)})
+    return described
+
+
+def command(sweep_ids: list[str]) -> str:
+    value = sweep_ids[0] if len(sweep_ids) == 1 else f"[{','.join(sweep_ids)}]"
+    quote = "" if len(sweep_ids) == 1 else "'"
+    return f"python -m pipeline.compare {quote}sweep={value}{quote}"
 
 
 def write_files(folder: Path, page: str, jobs, summary, diffs, figure) -> None:
@@ -61,30 +84,42 @@ def write_files(folder: Path, page: str, jobs, summary, diffs, figure) -> None:
     figures.save_png(figure, folder / "per_seed.png")
 
 
+def log_report(client, folder: Path, metrics: dict, run_id: str) -> None:
+    client.log_artifacts(run_id, str(folder), "report")
+    tracking.log_metrics(client, run_id, metrics)
+
+
 def main(cfg: DictConfig, client) -> None:
     started = time.monotonic()
-    found = sweep_runs.fetch(client, cfg.sweep)
+    found = sweep_runs.fetch(client, requested_ids(cfg.sweep))
     check_both_models(found)
     book = report.load_book(project_path(cfg.paths.book_numbers))
     jobs = found.jobs
     summary = sweep_report.summarize(jobs)
     diffs = sweep_report.differences(jobs, cfg.confidence)
-    page = sweep_report.page(context(found, cfg.confidence), summary, diffs, jobs, book)
+    metrics = sweep_report.parent_metrics(summary, diffs)
     kinds = [kind for kind in ("uni", "bi") if kind in set(summary["kind"])]
     figure = figures.per_seed(sweep_report.finished(jobs), list(summary["configuration"]),
                               {kind: book["test"][kind] for kind in kinds})
+    context = {"report_id": found.report_id, "command": command(found.sweep_ids),
+               "experiment": found.experiment, "dataset": found.dataset,
+               "training": found.training, "confidence": cfg.confidence,
+               "sweeps": describe_sweeps(found), "report_run": None}
 
-    target = project_path(cfg.paths.reports_dir) / "sweeps" / found.sweep_id
+    target = project_path(cfg.paths.reports_dir) / "sweeps" / found.report_id
     with io.staging_dir(target) as staging:
-        write_files(staging, page, jobs, summary, diffs, figure)
-        if found.parent is None:
-            log.warning("sweep %s has no parent run: the report is written to files only",
-                        found.sweep_id)
-        else:  # tracking first, files last (the staging folder is swapped in on success)
-            parent_id = found.parent.info.run_id
-            client.log_artifacts(parent_id, str(staging), "report")
-            tracking.log_metrics(client, parent_id,
-                                 sweep_report.parent_metrics(summary, diffs))
+        if len(found.sweep_ids) == 1 and found.parents:  # the sweep's own parent holds it
+            write_files(staging, sweep_report.page(context, summary, diffs, jobs, book), jobs,
+                        summary, diffs, figure)
+            log_report(client, staging, metrics, found.parents[0].info.run_id)
+        else:  # several sweeps (or no parent): a report run of its own
+            tags = {"stage": "compare", "compared_sweeps": ",".join(found.sweep_ids)}
+            with tracking.run(client, found.experiment, f"sweeps {found.report_id}",
+                              tags) as run_id:
+                context["report_run"] = run_id
+                write_files(staging, sweep_report.page(context, summary, diffs, jobs, book),
+                            jobs, summary, diffs, figure)
+                log_report(client, staging, metrics, run_id)
     log.info("wrote %s/report.md in %.1f s", target, time.monotonic() - started)
     for _, pair in diffs.iterrows():
         print(sweep_report.verdict(pair))

@@ -133,7 +133,7 @@ class CompareStage:
     paths: PathsConfig = MISSING
     models: List[str] = field(default_factory=lambda: ["uni", "bi"])  # uni first, as the book
     run_name: str = "table-19-12"
-    sweep: Optional[str] = None  # a sweep id: the multi-seed report of that sweep instead
+    sweep: Any = None  # a sweep id, or a list of them: the multi-seed report instead
     confidence: float = 0.95  # of the sweep report's intervals
 
 

@@ -20,12 +20,17 @@ SEED_KEY = "train.seed"
 
 @dataclass
 class SweepRuns:
-    sweep_id: str
-    parent: object | None  # mlflow Run, or None when the sweep had no start hook
+    sweep_ids: list[str]
+    parents: list  # the sweeps' parent runs (mlflow Run), as many as were found
     jobs: pd.DataFrame  # one row per job run, see job_table
-    experiment: str  # the experiment's name
-    training: str  # the training settings the finished jobs share, as a sentence
+    experiment: str  # the (first) experiment's name
+    training: str  # the training settings of the finished jobs, as a sentence
     dataset: str  # the dataset tag of the runs ("mnist")
+
+    @property
+    def report_id(self) -> str:
+        """The report's name: the sweep id, or the ids joined by '+'."""
+        return "+".join(self.sweep_ids)
 
 
 def _known_sweeps(client, limit: int = 5) -> str:
@@ -46,7 +51,7 @@ def configuration_labels(runs: list) -> list[str]:
     the run's overrides of every key whose value differs between the sweep's runs
     ('uni', 'bi model.merge=concat'). Runs of one configuration share a label."""
     overrides = [_overrides(run) for run in runs]
-    keys = sorted({key for o in overrides for key in o})
+    keys = list(dict.fromkeys(key for o in overrides for key in o))  # command-line order
     varying = [key for key in keys if key not in ("model", SEED_KEY)
                and len({o.get(key) for o in overrides}) > 1]
     return [" ".join([run.data.tags.get("model_kind", "?"),
@@ -60,6 +65,7 @@ def job_table(runs: list) -> pd.DataFrame:
     for run, label in zip(runs, labels):
         metrics, params, tags = run.data.metrics, run.data.params, run.data.tags
         rows.append({
+            "sweep": tags.get(sweep.SWEEP_TAG, "?"),
             "job": int(tags.get(sweep.JOB_TAG, -1)), "configuration": label,
             "kind": tags.get("model_kind", "?"),
             "seed": int(params.get(SEED_KEY, tags.get("seed", -1))),
@@ -70,7 +76,7 @@ def job_table(runs: list) -> pd.DataFrame:
             "job_seconds": metrics.get("job_seconds"),
             "run_id": run.info.run_id, "error": tags.get(tracking.ERROR_TAG, ""),
         })
-    return pd.DataFrame(rows).sort_values("job", kind="stable").reset_index(drop=True)
+    return pd.DataFrame(rows).sort_values(["sweep", "job"], kind="stable").reset_index(drop=True)
 
 
 def _training(run) -> str:
@@ -81,10 +87,7 @@ def _training(run) -> str:
             f"{params['train.dtype']}")
 
 
-def fetch(client, sweep_id: str) -> SweepRuns:
-    """The sweep's parent and job runs, checked: one-line StageErrors for an unknown id, a
-    finished job without test metrics, or jobs spread over several experiments."""
-    sweep_id = sweep.check_id(sweep_id)
+def _runs_of_one_sweep(client, sweep_id: str) -> list:
     runs = tracking.search_runs(client, sweep.jobs_filter(sweep_id))
     if not runs:
         raise StageError(f"sweep={sweep_id}: no runs tagged {sweep.SWEEP_TAG}={sweep_id!r} in "
@@ -99,10 +102,20 @@ def fetch(client, sweep_id: str) -> SweepRuns:
             raise StageError(f"sweep={sweep_id}: run {run.info.run_id} (job "
                              f"{run.data.tags.get(sweep.JOB_TAG)}) finished without "
                              f"{', '.join(missing)}: it was not tested on the test set")
-    finished = [run for run in runs if run.info.status == "FINISHED"]
-    settings = {_training(run) for run in finished}
-    return SweepRuns(sweep_id=sweep_id, parent=sweep.find_parent(client, sweep_id),
-                     jobs=job_table(runs),
-                     experiment=client.get_experiment(experiments.pop()).name,
+    return runs
+
+
+def fetch(client, sweep_ids: list[str]) -> SweepRuns:
+    """The job runs and parents of one or more sweeps (several: e.g. a uni seed sweep and a
+    bi merge-mode sweep, which one Hydra sweep cannot hold since uni has no merge), checked:
+    one-line StageErrors for an unknown id, a sweep spread over several experiments or a
+    finished job without test metrics."""
+    ids = [sweep.check_id(identifier) for identifier in sweep_ids]
+    runs = [run for identifier in dict.fromkeys(ids) for run in _runs_of_one_sweep(client, identifier)]
+    parents = [parent for parent in (sweep.find_parent(client, i) for i in dict.fromkeys(ids))
+               if parent is not None]
+    settings = {_training(run) for run in runs if run.info.status == "FINISHED"}
+    return SweepRuns(sweep_ids=list(dict.fromkeys(ids)), parents=parents, jobs=job_table(runs),
+                     experiment=client.get_experiment(runs[0].info.experiment_id).name,
                      training="; ".join(sorted(settings)),
                      dataset=", ".join(sorted({run.data.tags.get("dataset", "?") for run in runs})))

@@ -65,7 +65,7 @@ def job_table(uni=UNI, bi=BI, uni_params=2282, bi_params=2170) -> pd.DataFrame:
     rows = []
     for kind, values, params in (("uni", uni, uni_params), ("bi", bi, bi_params)):
         for seed, acc in enumerate(values):
-            rows.append({"job": len(rows), "configuration": kind, "kind": kind, "seed": seed,
+            rows.append({"sweep": "s", "job": len(rows), "configuration": kind, "kind": kind, "seed": seed,
                          "status": "FINISHED", "param_count": params,
                          "test_acc_best": acc, "test_loss_best": 1 - acc,
                          "test_acc_last": acc - 0.001, "test_loss_last": 1.01 - acc,
@@ -127,10 +127,13 @@ def test_page_lists_the_failed_job_and_the_books_rows():
     jobs = job_table()
     summary = sweep_report.summarize(jobs)
     diffs = sweep_report.differences(jobs, 0.95)
-    context = {"sweep_id": "s", "experiment": "e", "parent": "p", "sweep_overrides": "model=uni,bi",
-               "preset": "book", "dataset": "mnist", "training": "t", "confidence": 0.95,
-               "wall_seconds": 200.0, "launcher": "joblib"}
+    context = {"report_id": "s", "command": "python -m pipeline.compare sweep=s",
+               "experiment": "e", "dataset": "mnist", "training": "t", "confidence": 0.95,
+               "report_run": None,
+               "sweeps": [{"id": "s", "parent": "p", "overrides": "model=uni,bi", "preset": "book",
+                           "launcher": "joblib", "wall_seconds": 200.0}]}
     text = sweep_report.page(context, summary, diffs, jobs, book)
+    assert text.startswith("# Sweep `s`: ") and "Preset" not in text
     assert "| book, uni (one unseeded run) |" in text and "95.17%" in text
     assert "job 6 (`uni`, seed 0), FAILED: training loss became 1e4" in text
     assert "wall time / sum of job times = **0.41**" in text  # 200 / (7 jobs x 70 s)

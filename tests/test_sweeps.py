@@ -246,8 +246,8 @@ def test_compare_of_a_sweep_with_one_model_fails_in_one_line(failing, workspace)
     assert result.returncode == 1
     assert error_lines(result) == [
         f"error: sweep={failing['id']}: finished runs of bi only (4 jobs: 3 failed, 1 finished); "
-        "the report compares uni with bi, so the sweep needs finished runs of both "
-        "(e.g. model=uni,bi)"]
+        "the report compares uni with bi, so it needs finished runs of both "
+        "(e.g. model=uni,bi, or two sweeps: 'sweep=[<uni>,<bi>]')"]
     assert not (workspace["tmp"] / "reports" / "sweeps" / failing["id"]).exists()
 
 
@@ -292,3 +292,24 @@ def test_ctrl_c_ends_the_sweep_and_its_runs_killed(workspace):
     runs = runs_of(workspace["client"], sweep_id, "job") + runs_of(workspace["client"], sweep_id,
                                                                     "parent")
     assert [r.info.status for r in runs] == ["KILLED"] * 3
+
+
+def test_report_of_two_sweeps_together(seeds, failing, workspace):
+    # e.g. a uni seed sweep next to a bi sweep of settings uni does not have
+    result = compare(workspace, f"sweep=[{seeds['id']},{failing['id']}]")
+    assert result.returncode == 0, result.stderr
+    folder = workspace["tmp"] / "reports" / "sweeps" / f"{seeds['id']}+{failing['id']}"
+    runs = pd.read_csv(folder / "runs.csv")
+    assert len(runs) == 8 and set(runs["sweep"]) == {seeds["id"], failing["id"]}
+    summary = pd.read_csv(folder / "summary.csv")
+    assert list(summary["configuration"]) == ["uni", "bi", "bi model.lr=0.01 model.hidden_bwd=20"]
+    assert list(summary["seeds"]) == [2, 2, 1]
+    page = (folder / "report.md").read_text()
+    assert page.startswith(f"# Sweeps `{seeds['id']}` + `{failing['id']}`: ")
+    client = workspace["client"]
+    experiments = [e.experiment_id for e in client.search_experiments()]
+    (report_run,) = client.search_runs(
+        experiments, f"tags.compared_sweeps = '{seeds['id']},{failing['id']}'")
+    assert report_run.info.status == "FINISHED"
+    assert f"this report's run `{report_run.info.run_id}`" in page
+    assert "report/report.md" in {a.path for a in client.list_artifacts(report_run.info.run_id, "report")}
