@@ -1,12 +1,19 @@
 """A sweep job's identity and its place in MLflow (the design is in pipeline.tracking's docstring).
 
     python -m pipeline.train -m model=uni,bi train.seed=0,1,2,3,4 hydra/launcher=joblib
+    python -m pipeline.compare sweep=<id>          (the id is printed when the sweep ends)
 
-Under Hydra's ``-m`` every job of one sweep shares ``hydra.sweep.dir``; its id is that path
-without a leading ``multirun/`` and with ``/`` replaced by ``_`` (Hydra's default
+``-m`` runs every combination as its own job (Hydra's multirun). ``hydra/launcher=joblib``
+(the hydra-joblib-launcher plugin's own config) runs them in parallel processes on this
+machine, as many at a time as there are cores (its n_jobs defaults to -1; set
+``hydra.launcher.n_jobs=<n>`` to change it); without it they run one after another.
+
+Every job of one sweep shares ``hydra.sweep.dir``; the sweep's id is that path without a
+leading ``multirun/`` and with ``/`` replaced by ``_`` (Hydra's default
 ``multirun/2026-11-28/12-34-56`` gives ``2026-11-28_12-34-56``; ``hydra.sweep.dir=multirun/seeds``
-gives ``seeds``). The id is computed from the configured string, not from an absolute path, so
-that processes started elsewhere (launcher workers, other machines) compute the same one.
+gives ``seeds``). It is computed from the configured string, not from an absolute path, so
+that processes started elsewhere (launcher workers, other machines) compute the same one. A
+sweep directory serves one sweep: starting another in it is refused.
 
 A job writes its model files under its own output directory (``<sweep dir>/<job number>/``),
 never into models/, so parallel jobs cannot overwrite each other or the DVC pipeline's models.
