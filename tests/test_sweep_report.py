@@ -115,7 +115,7 @@ def test_verdict_sentence(uni, bi, bi_params, words):
     sentence = sweep_report.verdict(pair)
     assert words in sentence
     assert f"{100 * (sum(bi) / 3 - sum(uni) / 3):+.2f} points" in sentence
-    assert "Welch's t with" in sentence
+    assert "Welch's t with" in sentence and "With the last parameters the difference is" in sentence
 
 
 def test_page_lists_the_failed_job_and_the_books_rows():
