@@ -48,6 +48,7 @@ value): see :class:`MetricBuffer`.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import functools
 import json
 import logging
@@ -158,6 +159,25 @@ class LockRetryingClient:
         return call
 
 
+@contextlib.contextmanager
+def _first_contact_lock(uri: str) -> Iterator[None]:
+    """Serialise the first contact with a SQLite store across processes.
+
+    Opening a fresh SQLite file runs MLflow's schema migrations; two processes doing it at
+    once make one fail ('duplicate column name: step'), e.g. `dvc queue start -j 2` or
+    parallel stages on a clone with no mlflow.db yet. An OS lock file beside the database
+    makes the second process wait the second or two the first one's migration takes.
+    """
+    if not uri.startswith("sqlite:///"):
+        yield
+        return
+    database = Path(uri[len("sqlite:///"):])
+    database.parent.mkdir(parents=True, exist_ok=True)
+    with open(database.with_name(database.name + ".lock"), "a") as lock_file:
+        fcntl.flock(lock_file, fcntl.LOCK_EX)   # released when the file closes
+        yield
+
+
 def connect(tracking: DictConfig):
     """Return an ``MlflowClient`` for the configured store after checking it answers,
     wrapped to retry on SQLite lock errors (:class:`LockRetryingClient`).
@@ -178,7 +198,8 @@ def connect(tracking: DictConfig):
     timeout = int(tracking.probe_timeout_seconds)
     started = time.monotonic()
     try:
-        with _env(MLFLOW_HTTP_REQUEST_MAX_RETRIES="0", MLFLOW_HTTP_REQUEST_TIMEOUT=str(timeout)):
+        with _env(MLFLOW_HTTP_REQUEST_MAX_RETRIES="0", MLFLOW_HTTP_REQUEST_TIMEOUT=str(timeout)), \
+                _first_contact_lock(uri):
             client = MlflowClient(tracking_uri=uri)
             client.search_experiments(max_results=1)
     except Exception as exc:  # any failure here means: cannot use this store

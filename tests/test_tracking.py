@@ -182,3 +182,33 @@ def test_other_errors_are_not_retried():
 def test_connect_returns_a_lock_retrying_client(tmp_path):
     client = tracking.connect(tracking_cfg(f"sqlite:///{tmp_path / 'mlflow.db'}"))
     assert isinstance(client, tracking.LockRetryingClient)
+
+
+CONNECT_AT = """
+import sys, time
+from omegaconf import OmegaConf
+from pipeline import tracking
+cfg = OmegaConf.create({"uri": sys.argv[1], "experiment_name": "race",
+                        "probe_timeout_seconds": 30, "flush_every_seconds": 0})
+while time.time() < float(sys.argv[2]):
+    time.sleep(0.002)
+client = tracking.connect(cfg)
+print("experiment", tracking.experiment_id(client, "race"))
+"""
+
+
+def test_processes_opening_a_fresh_sqlite_store_at_once_all_succeed(tmp_path):
+    # Without the lock around first contact, 2 of 3 such processes failed in MLflow's schema
+    # migration ('duplicate column name: step') in every trial.
+    import subprocess
+    import sys
+
+    uri = f"sqlite:///{tmp_path / 'fresh.db'}"
+    start_at = str(time.time() + 3)  # after every interpreter has imported MLflow
+    procs = [subprocess.Popen([sys.executable, "-c", CONNECT_AT, uri, start_at], cwd=ROOT,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for _ in range(3)]
+    outputs = [p.communicate(timeout=120) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0, 0], [err[-500:] for _, err in outputs]
+    experiment_ids = {out.split()[-1] for out, _ in outputs}
+    assert len(experiment_ids) == 1  # one experiment, created once
