@@ -3,8 +3,10 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 # Stage commands in dvc.yaml call `python` and `dvc`: put the virtualenv first on PATH.
 export PATH := $(abspath $(BIN)):$(PATH)
+# A sweep directory (and so a sweep id) is used once: stamp it.
+SWEEP_STAMP := $(shell date +%Y%m%d-%H%M%S)
 
-.PHONY: setup reproduce test test-slow benchmark ui clean
+.PHONY: setup reproduce sweep test test-slow benchmark ui
 
 setup: $(VENV)/.installed
 
@@ -16,6 +18,11 @@ $(VENV)/.installed: pyproject.toml
 
 reproduce: setup          ## the book experiment: prepare, train uni and bi, evaluate, report
 	dvc repro
+
+sweep: setup              ## the book configuration over 5 seeds, 2 jobs at a time (~8 min), then its report
+	python -m pipeline.train -m hydra/launcher=joblib model=uni,bi train.seed=0,1,2,3,4 \
+	    hydra.sweep.dir=multirun/book-seeds-$(SWEEP_STAMP)
+	python -m pipeline.compare sweep=book-seeds-$(SWEEP_STAMP)
 
 test: setup               ## the fast test suite (a few minutes on 2 cores)
 	python -m pytest
