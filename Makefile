@@ -6,7 +6,7 @@ export PATH := $(abspath $(BIN)):$(PATH)
 # A sweep directory (and so a sweep id) is used once: stamp it.
 SWEEP_STAMP := $(shell date +%Y%m%d-%H%M%S)
 
-.PHONY: setup reproduce sweep test test-slow benchmark ui
+.PHONY: setup reproduce sweep test test-slow test-ray benchmark ui
 
 setup: $(VENV)/.installed
 
@@ -29,6 +29,11 @@ test: setup               ## the fast test suite (a few minutes on 2 cores)
 
 test-slow: setup          ## the long checks: the full book configuration end to end
 	python -m pytest -m slow
+
+test-ray:                 ## the Ray launcher test, in its own virtualenv (.venv-ray, about 1.3 GB)
+	python3 -m venv .venv-ray
+	.venv-ray/bin/python -m pip install --quiet -e ".[dev]" hydra-ray-launcher
+	.venv-ray/bin/python -m pytest -m ray
 
 benchmark: setup          ## seconds per epoch and peak memory, as JSON
 	python benchmarks/epoch.py

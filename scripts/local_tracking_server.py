@@ -153,7 +153,7 @@ def tracking_server(workdir: Path | None = None, port: int | None = None,
     """Start PostgreSQL and an MLflow server on it; stop both (and delete ``workdir`` if this
     created it) on exit, whatever happened. Raises ServerError if either does not start."""
     try:
-        import psycopg  # noqa: F401  (the driver MLflow's SQLAlchemy store will use)
+        import psycopg  # the driver MLflow's SQLAlchemy store will use; also used below
     except ImportError:
         raise ServerError("the PostgreSQL driver is not installed: pip install -e '.[server]' "
                           "(psycopg[binary])") from None
@@ -189,8 +189,6 @@ def tracking_server(workdir: Path | None = None, port: int | None = None,
              "-k", str(workdir), "-c", "fsync=off", "-c", "full_page_writes=off"],
             stdout=open(pg_log, "a"), stderr=subprocess.STDOUT, start_new_session=True, **drop)
         _wait(lambda: _postgres_ready(pg_port), postgres, "PostgreSQL", pg_log, 60)
-        import psycopg
-
         with psycopg.connect(host=HOST, port=pg_port, user=DB_USER, dbname="postgres",
                              autocommit=True) as conn:
             conn.execute(f"CREATE DATABASE {DB_NAME}")

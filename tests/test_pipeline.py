@@ -82,14 +82,6 @@ def test_missing_fashion_mnist_names_the_package(tmp_path):
         "apt-get install dataset-fashion-mnist"]
 
 
-@pytest.fixture(scope="module")
-def prepared_dir(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("data") / "prepared"
-    result = prepare_into(RAW, out)
-    assert result.returncode == 0, result.stderr
-    return out
-
-
 def test_prepare_writes_the_books_split_as_uint8(prepared_dir):
     meta = prepared.read_meta(prepared_dir)
     assert meta["counts"] == {"train": 55000, "val": 5000, "test": 10000}
@@ -182,7 +174,7 @@ def training_run(pipeline: dict, name: str):
 
 
 def assert_report_equals_tracked_metrics(pipeline: dict) -> None:
-    project, client = pipeline["project"], pipeline["client"]
+    project = pipeline["project"]
     table = pd.read_csv(project / "reports" / "table_19_12.csv", keep_default_na=False)
     markdown = (project / "reports" / "table_19_12.md").read_text()
     test_json = json.loads((project / "metrics" / "test.json").read_text())

@@ -42,14 +42,6 @@ def server():
         yield running
 
 
-@pytest.fixture(scope="module")
-def prepared_dir(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("data") / "prepared"
-    result = stage("prepare", f"paths.prepared_dir={out}", timeout=120)
-    assert result.returncode == 0, result.stderr
-    return out
-
-
 def training_runs(client: MlflowClient) -> list:
     """The experiment's training runs (a sweep may add a parent run without metrics)."""
     experiment = client.get_experiment_by_name(EXPERIMENT)

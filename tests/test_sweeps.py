@@ -30,13 +30,9 @@ TINY = ("experiment=quick", "train.epochs=1", "train.train_limit=1500", "train.v
 
 
 @pytest.fixture(scope="module")
-def workspace(tmp_path_factory) -> dict:
+def workspace(tmp_path_factory, prepared_dir) -> dict:
     tmp = tmp_path_factory.mktemp("sweeps")
-    prepared = tmp / "prepared"
-    raw = ROOT / "data" / "raw" / "mnist"
-    result = stage("prepare", f"data.raw_dir={raw}", f"data.manifest={raw / 'SHA256SUMS'}",
-                   f"paths.prepared_dir={prepared}", timeout=120)
-    assert result.returncode == 0, result.stderr
+    prepared = prepared_dir
     db = f"sqlite:///{tmp / 'mlflow.db'}"
     return {"tmp": tmp, "db": db, "client": MlflowClient(db),
             "paths": (f"tracking.uri={db}", f"paths.prepared_dir={prepared}",

@@ -15,8 +15,7 @@ import birnn.training
 from birnn.data import load_mnist, scale_pixels, shuffle_split
 from birnn.layers import softmax_cross_entropy
 from birnn.models import BiRNN, UniRNN
-from birnn.training import (Checkpoint, DivergenceError, LRSchedule, TrainSettings, evaluate,
-                            train)
+from birnn.training import DivergenceError, LRSchedule, TrainSettings, evaluate, train
 
 MNIST = Path(__file__).resolve().parent.parent / "data" / "raw" / "mnist"
 T, D, C = 5, 3, 4
