@@ -165,14 +165,20 @@ def load_idx_pair(
             f"{images_path}, {labels_path}: count mismatch: {len(images)} images "
             f"but {len(labels)} labels"
         )
+    _check_label_range(labels, num_classes, where=str(labels_path))
+    return images, labels
+
+
+def _check_label_range(labels: np.ndarray, num_classes: int, where: str) -> None:
+    """Raise DataError naming ``where``, the first bad value and its index, unless every
+    label lies in 0..num_classes-1."""
     bad = np.flatnonzero((labels < 0) | (labels >= num_classes))
     if bad.size:
         i = int(bad[0])
         raise DataError(
-            f"{labels_path}: label out of range: value {int(labels[i])} at index {i} "
+            f"{where}: label out of range: value {int(labels[i])} at index {i} "
             f"(expected 0..{num_classes - 1}; {bad.size} bad label(s) in all)"
         )
-    return images, labels
 
 
 def sha256_file(path: PathLike) -> str:
@@ -287,13 +293,7 @@ def one_hot(labels: np.ndarray, num_classes: int = 10) -> np.ndarray:
         raise DataError(f"one_hot: expected labels of shape (N,), got shape {labels.shape}")
     if not np.issubdtype(labels.dtype, np.integer):
         raise DataError(f"one_hot: labels must be integers, got dtype {labels.dtype}")
-    bad = np.flatnonzero((labels < 0) | (labels >= num_classes))
-    if bad.size:
-        i = int(bad[0])
-        raise DataError(
-            f"one_hot: label out of range: value {int(labels[i])} at index {i} "
-            f"(expected 0..{num_classes - 1})"
-        )
+    _check_label_range(labels, num_classes, where="one_hot")
     out = np.zeros((labels.shape[0], num_classes), dtype=np.float64)
     out[np.arange(labels.shape[0]), labels] = 1.0
     return out

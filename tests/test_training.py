@@ -236,16 +236,23 @@ def test_last_batch_is_averaged_over_its_own_length_spy(monkeypatch):
 # --------------------------------------------------------- best parameters
 
 
-def test_best_parameters_rule():
-    x, y = synthetic(1000, seed=8)
-    vx, vy = synthetic(200, seed=9)
-    model = small_bi(seed=10)
+def recorder(model):
+    """(checkpoints, parameter snapshots, callback): the callback appends each checkpoint
+    and a copy of the model's parameters at that moment."""
     got, snapshots = [], []
 
     def record(c):
         got.append(c)
         snapshots.append(copy_params(model))
 
+    return got, snapshots, record
+
+
+def test_best_parameters_rule():
+    x, y = synthetic(1000, seed=8)
+    vx, vy = synthetic(200, seed=9)
+    model = small_bi(seed=10)
+    got, snapshots, record = recorder(model)
     # a rate high enough that the validation loss goes up and down: the best is not the last
     result = run(model, x, y, vx, vy, record, epochs=4, batch_size=128, lr=1.0)
     assert len(got) == 8
@@ -277,12 +284,7 @@ def test_best_is_strictly_lower_ties_keep_the_earlier(monkeypatch):
                         lambda model, x, y: (next(scripted), 0.5))
     x, y = synthetic(1000, seed=11)
     model = small_uni(seed=12)
-    got, snapshots = [], []
-
-    def record(c):
-        got.append(c)
-        snapshots.append(copy_params(model))
-
+    got, snapshots, record = recorder(model)
     result = run(model, x, y, x[:10], y[:10], record, epochs=4, batch_size=128, lr=0.1)
     assert [c.val_loss for c in got] == [0.9, 0.5, 0.5, 0.7, 0.3, 0.3, 0.4, 0.8]
     assert result.best is got[4]
