@@ -19,7 +19,7 @@ $(VENV)/.installed: pyproject.toml
 reproduce: setup          ## the book experiment: prepare, train uni and bi, evaluate, report
 	dvc repro
 
-sweep: setup              ## the book configuration over 5 seeds, 2 jobs at a time (~8 min), then its report
+sweep: setup              ## the book configuration over 5 seeds, one job per core (~8 min on 2), then its report
 	python -m pipeline.train -m hydra/launcher=joblib model=uni,bi train.seed=0,1,2,3,4 \
 	    hydra.sweep.dir=multirun/book-seeds-$(SWEEP_STAMP)
 	python -m pipeline.compare sweep=book-seeds-$(SWEEP_STAMP)

@@ -7,8 +7,8 @@ Prints one JSON object:
   uni_f64_s, bi_f64_s, uni_f32_s, bi_f32_s  one training epoch: 55,000 sequences, batch 128
                                             (forward, backward, SGD update; no validation)
   validation_pass_s                         one pass over the 5,000 validation sequences (bi, float64)
-  book_epoch_f64_s                          uni and bi epoch as the book's run does it, with the two
-                                            checkpoint validation passes
+  book_epoch_uni_f64_s, book_epoch_bi_f64_s  one epoch through birnn.train as the book's run does it,
+                                            the two checkpoint validation passes included
   peak_rss_mib                              peak resident memory of a child process that loads the
                                             data and trains uni then bi, float64, with checkpoints
 Targets (2-core machine, float64): uni <= 0.8 s, bi <= 1.0 s, peak memory of a full run <= 1 GiB.
@@ -34,7 +34,6 @@ from birnn.data import load_mnist, scale_pixels, shuffle_split
 
 ROOT = Path(__file__).resolve().parent.parent
 MNIST = ROOT / "data" / "raw" / "mnist"
-BOOK_BI_LR = {30: 0.008, 50: 0.005, 70: 0.002}
 
 
 def load(dtype: str):

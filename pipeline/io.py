@@ -61,11 +61,6 @@ def write_json(target: str | os.PathLike, obj: Any) -> None:
     write_text(target, json.dumps(obj, indent=2, sort_keys=False) + "\n")
 
 
-def write_bytes(target: str | os.PathLike, data: bytes) -> None:
-    with atomic_path(target) as tmp:
-        tmp.write_bytes(data)
-
-
 def save_npz(target: str | os.PathLike, arrays: Mapping[str, np.ndarray]) -> None:
     """Save arrays as an uncompressed .npz readable by ``np.load``, byte-reproducibly."""
     with atomic_path(target, suffix=".npz") as tmp:

@@ -87,7 +87,8 @@ def notes(book: dict, tensor_counts: Mapping[str, Mapping[str, int]], merge: str
         f"{printed['uni']['loss']}); for bi, the accuracy {printed['bi']['accuracy']} is the same "
         f"under both rules, but the loss {printed['bi']['loss']} is the last-parameter test "
         f"({test['bi']['last']['loss']}; the best parameters gave {test['bi']['best']['loss']}). "
-        "Losses are cut to three decimals, not rounded (0.176821 -> 0.176). The table above "
+        f"Losses are cut to three decimals, not rounded ({test['uni']['best']['loss']} -> "
+        f"{printed['uni']['loss']}). The table above "
         "quotes the full logged values under each rule instead.",
         f"- **A number in no log.** Under the bi log the text says the best parameters gave "
         f"{100 * book['text_claim_bi']['best']['accuracy']:.2f}% and loss "
@@ -96,8 +97,9 @@ def notes(book: dict, tensor_counts: Mapping[str, Mapping[str, int]], merge: str
         "- **Concatenate or sum.** The text says the final states s1 and s2 are concatenated "
         "(拼接); formula 5 and the code sum them, and the sum is what produced the numbers"
         + (f". Ours: merge = {merge}." if merge else "."),
-        "- **One unseeded run each.** The book's code does not seed its random generator; rerun "
-        "with seeds, its single runs vary by about ±0.5 points of accuracy, so differences of "
+        "- **One unseeded run each.** The book's code does not seed its random generator. Single "
+        "runs with different seeds spread over one to two points of accuracy (the book's code "
+        "rerun with three seeds; our multi-seed sweeps, `reports/sweeps/`), so differences of "
         "that size between the columns are noise.",
     ]
     return "\n".join(lines)

@@ -9,8 +9,14 @@ import subprocess
 import sys
 from pathlib import Path
 
+from pipeline.sweep_runs import TEST_METRICS  # noqa: F401  (re-exported for the tests)
+from pipeline.train import CHECKPOINT_METRICS  # noqa: F401
+
 ROOT = Path(__file__).resolve().parent.parent
 VENV_BIN = Path(sys.executable).parent
+# One epoch on 1,000 samples, validated on 200 every half epoch: two checkpoints, seconds.
+TINY = ("experiment=quick", "train.epochs=1", "train.train_limit=1000", "train.val_limit=200",
+        "train.batch_size=100")
 
 
 def clean_env(**extra: str) -> dict[str, str]:
@@ -34,6 +40,13 @@ def stage(module: str, *overrides: str, cwd: Path = ROOT, timeout: float = 300, 
     """``python -m pipeline.<module> <overrides>`` through the real entry point."""
     return run([sys.executable, "-m", f"pipeline.{module}", *overrides], cwd=cwd,
                timeout=timeout, **env)
+
+
+def dvc(project: Path, *args: str, timeout: float = 600) -> str:
+    """``dvc <args>`` in ``project``; fails the test (showing DVC's output) unless it succeeds."""
+    result = run(["dvc", *args], cwd=project, timeout=timeout)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return result.stdout
 
 
 def error_lines(result: subprocess.CompletedProcess) -> list[str]:

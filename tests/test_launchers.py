@@ -22,12 +22,9 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
-from pipeline_testkit import VENV_BIN, clean_env, commit_all, copy_project, error_lines, run, stage
+from pipeline_testkit import (CHECKPOINT_METRICS, TINY, VENV_BIN, clean_env, commit_all, copy_project,
+                              dvc, error_lines, run, stage)
 
-CHECKPOINT_METRICS = ("val_loss", "val_acc", "train_loss", "train_acc", "lr")
-# One epoch on 1,000 samples, validated on 200 every half epoch: two checkpoints, seconds.
-TINY = ("experiment=quick", "train.epochs=1", "train.train_limit=1000", "train.val_limit=200",
-        "train.batch_size=100")
 
 
 def installed(module: str) -> bool:
@@ -150,12 +147,6 @@ def test_a_missing_launcher_plugin_is_a_one_line_error(tmp_path):
 
 
 # ----------------------------------------------------------------------------- DVC queue
-def dvc(project: Path, *args: str, timeout: float = 120) -> str:
-    result = run(["dvc", *args], cwd=project, timeout=timeout)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    return result.stdout
-
-
 def wait_for_queue(project: Path, timeout: float) -> str:
     deadline = time.monotonic() + timeout
     while True:

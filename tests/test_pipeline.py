@@ -17,11 +17,10 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from pipeline import prepared
-from pipeline_testkit import ROOT, commit_all, copy_project, error_lines, run, stage
+from pipeline_testkit import (CHECKPOINT_METRICS, ROOT, TEST_METRICS, commit_all, copy_project, dvc,
+                              error_lines, run, stage)
 
 RAW = ROOT / "data" / "raw" / "mnist"
-CHECKPOINT_METRICS = ("val_loss", "val_acc", "train_loss", "train_acc", "lr")
-TEST_METRICS = ("test_loss_best", "test_acc_best", "test_loss_last", "test_acc_last")
 
 
 # ----------------------------------------------------------------------------- bad input
@@ -149,12 +148,6 @@ def test_evaluate_refuses_a_model_trained_on_other_data(prepared_dir, tmp_path):
 
 
 # ----------------------------------------------------------------------------- end to end
-def dvc(project: Path, *args: str, timeout: float = 600):
-    result = run(["dvc", *args], cwd=project, timeout=timeout)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    return result.stdout
-
-
 def ran_stages(output: str) -> list[str]:
     return re.findall(r"Running stage '([^']+)'", output)
 

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
-from pipeline_testkit import ROOT, error_lines, free_port, stage
+from pipeline_testkit import CHECKPOINT_METRICS, ROOT, TINY, error_lines, free_port, stage
 
 spec = importlib.util.spec_from_file_location(
     "local_tracking_server", ROOT / "scripts" / "local_tracking_server.py")
@@ -24,10 +24,6 @@ server_script = sys.modules[spec.name] = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(server_script)
 
 EXPERIMENT = "server-test"
-CHECKPOINT_METRICS = ("val_loss", "val_acc", "train_loss", "train_acc", "lr")
-# One epoch on 1,000 samples, validated on 200 every half epoch: two checkpoints, seconds.
-TINY = ("experiment=quick", "train.epochs=1", "train.train_limit=1000", "train.val_limit=200",
-        "train.batch_size=100")
 
 
 needs_postgres = pytest.mark.skipif(

@@ -21,10 +21,8 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from pipeline import sweep
-from pipeline_testkit import ROOT, clean_env, error_lines, stage
+from pipeline_testkit import CHECKPOINT_METRICS, ROOT, TEST_METRICS, clean_env, error_lines, stage
 
-CHECKPOINT_METRICS = ("val_loss", "val_acc", "train_loss", "train_acc", "lr")
-TEST_METRICS = ("test_loss_best", "test_acc_best", "test_loss_last", "test_acc_last")
 TINY = ("experiment=quick", "train.epochs=1", "train.train_limit=1500", "train.val_limit=300",
         "tracking.flush_every_seconds=0")
 
