@@ -35,7 +35,10 @@ from hydra.types import RunMode
 from omegaconf import DictConfig
 from omegaconf.errors import OmegaConfBaseException
 
+from birnn.data import DataError
+from birnn.training import DivergenceError
 from pipeline import schema
+from pipeline.io import MissingInputError
 from pipeline.paths import CONF_DIR
 
 
@@ -44,20 +47,10 @@ class StageError(RuntimeError):
 
 
 def _expected_errors() -> tuple[type[BaseException], ...]:
-    # Imported here, not at the top: pipeline.io and birnn import nothing from us.
-    from birnn.data import DataError
-    from pipeline.io import MissingInputError
-
     errors: list[type[BaseException]] = [
-        StageError, MissingInputError, schema.ConfigError, DataError, HydraException,
-        OmegaConfBaseException,
+        StageError, MissingInputError, schema.ConfigError, DataError, DivergenceError,
+        HydraException, OmegaConfBaseException,
     ]
-    try:
-        from birnn.training import DivergenceError
-
-        errors.append(DivergenceError)
-    except ImportError:
-        pass
     # A tracking server that fails after the start-up probe (only stages that use MLflow
     # have imported it; importing it here would cost the prepare stage a second and a half).
     if "mlflow.exceptions" in sys.modules:

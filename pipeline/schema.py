@@ -22,9 +22,12 @@ from typing import Any, Dict, List, Optional
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig
 
-MERGE_MODES = ("sum", "concat", "mean", "mul")  # formula 5 of chapter 19.7
-MODEL_KINDS = ("uni", "bi")
-FLOAT_DTYPES = ("float32", "float64")
+import birnn.models
+
+# The library's own lists, so the schema accepts exactly what birnn can build.
+MERGE_MODES = birnn.models.MERGES              # formula 5 of chapter 19.7
+MODEL_KINDS = tuple(birnn.models.MODEL_KINDS)  # ("uni", "bi")
+FLOAT_DTYPES = birnn.models.DTYPES
 
 
 class ConfigError(ValueError):

@@ -19,9 +19,11 @@ the same text on. :func:`connect` therefore returns a client whose calls retry o
 a bounded number of times with growing, jittered waits (:class:`LockRetryingClient`); a
 retried write is safe because the failed transaction was rolled back whole (and MLflow drops
 a metric value it already holds). WAL journaling would not remove the deadlock case and would
-permanently change the user's database file, so the journal mode is left alone. Creating the
-experiment and the first use of a fresh SQLite file (MLflow's schema migrations) happen once,
-in the sweep's start hook, before any job runs: see :mod:`pipeline.sweep_callback`.
+permanently change the user's database file, so the journal mode is left alone. The first use
+of a fresh SQLite file (MLflow's schema migrations) is serialised across processes by a lock
+file beside it (:func:`_first_contact_lock`), whoever starts them (a sweep, `dvc queue start
+-j 2`, stages run by hand); a sweep also creates the experiment and its parent run once in its
+start hook, before any job runs: see :mod:`pipeline.sweep_callback`.
 
 Grouping. A single training run is a top-level run named after its model (``uni``, ``bi``).
 The compare stage creates a report run and makes the runs it compared its children (the
