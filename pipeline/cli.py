@@ -90,9 +90,7 @@ def _reported() -> Iterator[None]:
     try:
         yield
     except _expected_errors() as exc:
-        logging.shutdown()  # flush the progress log before the error line
-        print(f"error: {one_line(exc)}", file=sys.stderr, flush=True)
-        sys.exit(1)
+        exit_with_error(exc)
     except KeyboardInterrupt:
         for hook in _on_interrupt:
             try:
@@ -114,7 +112,7 @@ def on_interrupt(hook: Callable[[], None]) -> None:
 def exit_with_error(exc: BaseException) -> None:
     """Print ``error: <one line>`` and exit 1, from where raising would not reach the stage's
     error handler (Hydra turns an exception in a callback into a warning and carries on)."""
-    logging.shutdown()
+    logging.shutdown()  # flush the progress log before the error line
     print(f"error: {one_line(exc)}", file=sys.stderr, flush=True)
     raise SystemExit(1)
 

@@ -335,10 +335,10 @@ def run(client, experiment: str, run_name: str, tags: Mapping[str, str],
     try:
         yield run_id
     except KeyboardInterrupt:
-        _end(client, run_id, "KILLED", "interrupted")
+        end_killed(client, run_id)
         raise
     except BaseException as exc:
-        _end(client, run_id, "FAILED", " ".join(str(exc).split()) or type(exc).__name__)
+        end_failed(client, run_id, " ".join(str(exc).split()) or type(exc).__name__)
         raise
     client.set_terminated(run_id, "FINISHED")
 
