@@ -20,9 +20,9 @@ reproduce: setup          ## the book experiment: prepare, train uni and bi, eva
 	dvc repro
 
 sweep: setup              ## the book configuration over 5 seeds, one job per core (~8 min on 2), then its report
-	python -m pipeline.train -m hydra/launcher=joblib model=uni,bi train.seed=0,1,2,3,4 \
+	python -m pipeline.stages.train -m hydra/launcher=joblib model=uni,bi train.seed=0,1,2,3,4 \
 	    hydra.sweep.dir=multirun/book-seeds-$(SWEEP_STAMP)
-	python -m pipeline.compare sweep=book-seeds-$(SWEEP_STAMP)
+	python -m pipeline.sweeps.report sweep=book-seeds-$(SWEEP_STAMP)
 
 test: setup               ## the fast test suite (a few minutes on 2 cores)
 	python -m pytest
@@ -39,4 +39,4 @@ benchmark: setup          ## seconds per epoch and peak memory, as JSON
 	python benchmarks/epoch.py
 
 ui: setup                 ## the MLflow UI on http://127.0.0.1:5000
-	mlflow ui --backend-store-uri sqlite:///$(abspath mlflow.db) --host 127.0.0.1 --port 5000
+	MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false mlflow ui --backend-store-uri sqlite:///$(abspath mlflow.db) --host 127.0.0.1 --port 5000

@@ -110,10 +110,20 @@ class Evaluation:
     predictions: np.ndarray          # (N,)
 
 
-def _format(c: Checkpoint) -> str:
-    # The book's log line: "epoch:iteration:lr loss=<val loss>, acc=<val acc>".
+def _duration(seconds: float) -> str:
+    seconds = int(round(seconds))
+    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
+
+
+def progress_line(c: Checkpoint, epochs: int, total_iterations: int, elapsed: float) -> str:
+    """The book's fields ("epoch:iteration:lr loss=<val loss>, acc=<val acc>", 0-based), then
+    where the checkpoint is in the whole run and an estimate of the time left."""
+    done = c.iteration + 1
+    left = elapsed / done * (total_iterations - done)
     return (f"{c.epoch}:{c.iteration}:{c.lr:.6f} loss={c.val_loss:.6f}, acc={c.val_acc:.6f} "
-            f"(train batch loss={c.train_loss:.6f}, acc={c.train_acc:.6f})")
+            f"(train batch loss={c.train_loss:.6f}, acc={c.train_acc:.6f}) | "
+            f"epoch {c.epoch + 1}/{epochs}, iteration {done:,}/{total_iterations:,}, "
+            f"{_duration(elapsed)} elapsed, about {_duration(left)} left")
 
 
 def train(model: RNNClassifier, train_x: np.ndarray, train_y: np.ndarray,
@@ -172,7 +182,9 @@ def train(model: RNNClassifier, train_x: np.ndarray, train_y: np.ndarray,
                         best = checkpoint
                         best_params = {k: v.copy() for k, v in params.items()}
                     if log:
-                        log(_format(checkpoint))
+                        log(progress_line(checkpoint, settings.epochs,
+                                          settings.epochs * batches_per_epoch,
+                                          time.perf_counter() - start))
                     if on_checkpoint:
                         on_checkpoint(checkpoint)
                 iteration += 1

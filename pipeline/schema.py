@@ -1,17 +1,6 @@
-"""Typed schema of the pipeline's configuration, registered in Hydra's ConfigStore.
-
-Two layers of checking, both failing before any work is done:
-
-1. Structure and types, by OmegaConf when Hydra composes: every primary config (conf/*.yaml)
-   starts its defaults list with a ``*_stage_schema`` entry and every group option with its
-   group's schema (e.g. conf/model/bi.yaml -> ``/schema/model_bi``), so an unknown key
-   (``model.hiden_fwd=8``) or a wrong type (``train.epochs=ten``) is rejected at composition.
-2. Values, by :func:`validate`: things a type cannot say (a negative learning rate, zero epochs,
-   an unknown merge, a validation fraction outside [0, 1)). It raises :class:`ConfigError`
-   whose message is one line starting with the full key, e.g.
-   ``model.lr: must be > 0, got -0.01``.
-
-Importing this module registers the schemas; every stage imports it before Hydra composes.
+"""Typed schema of the pipeline's configuration, registered in Hydra's ConfigStore, and the
+value checks a type cannot express (:func:`validate`). Both fail before any work starts, in one
+line naming the full key (docs/architecture.md, "Configuration").
 """
 
 from __future__ import annotations
@@ -23,15 +12,12 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig
 
 import birnn.models
+from pipeline.errors import ConfigError
 
 # The library's own lists, so the schema accepts exactly what birnn can build.
 MERGE_MODES = birnn.models.MERGES              # formula 5 of chapter 19.7
 MODEL_KINDS = tuple(birnn.models.MODEL_KINDS)  # ("uni", "bi")
 FLOAT_DTYPES = birnn.models.DTYPES
-
-
-class ConfigError(ValueError):
-    """An impossible configuration value; the message starts with the full key."""
 
 
 # ----------------------------------------------------------------------------- groups
@@ -136,8 +122,14 @@ class CompareStage:
     paths: PathsConfig = MISSING
     models: List[str] = field(default_factory=lambda: ["uni", "bi"])  # uni first, as the book
     run_name: str = "table-19-12"
-    sweep: Any = None  # a sweep id, or a list of them: the multi-seed report instead
-    confidence: float = 0.95  # of the sweep report's intervals
+
+
+@dataclass
+class SweepReportStage:
+    tracking: TrackingConfig = MISSING
+    paths: PathsConfig = MISSING
+    sweep: Any = MISSING  # a sweep id, or a list of them
+    confidence: float = 0.95  # of the Welch intervals
 
 
 def register() -> None:
@@ -146,6 +138,7 @@ def register() -> None:
     cs.store(name="train_stage_schema", node=TrainStage)
     cs.store(name="evaluate_stage_schema", node=EvaluateStage)
     cs.store(name="compare_stage_schema", node=CompareStage)
+    cs.store(name="sweep_report_schema", node=SweepReportStage)
     # Group schemas live under schema/ so that they are not listed as options of the groups;
     # an option pulls in its schema with `- /schema/<name>@_here_` in its defaults list.
     cs.store(group="schema", name="model_uni", node=UniModelConfig)

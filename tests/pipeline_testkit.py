@@ -9,8 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from pipeline.sweep_runs import TEST_METRICS  # noqa: F401  (re-exported for the tests)
-from pipeline.train import CHECKPOINT_METRICS  # noqa: F401
+from pipeline.metric_names import CHECKPOINT_METRICS, TEST_METRICS  # noqa: F401  (re-exported)
 
 ROOT = Path(__file__).resolve().parent.parent
 VENV_BIN = Path(sys.executable).parent
@@ -35,11 +34,15 @@ def run(args: list[str], cwd: Path = ROOT, timeout: float = 300, **env: str
                           timeout=timeout)
 
 
+STAGES = ("prepare", "train", "evaluate", "compare")
+
+
 def stage(module: str, *overrides: str, cwd: Path = ROOT, timeout: float = 300, **env: str
           ) -> subprocess.CompletedProcess:
-    """``python -m pipeline.<module> <overrides>`` through the real entry point."""
-    return run([sys.executable, "-m", f"pipeline.{module}", *overrides], cwd=cwd,
-               timeout=timeout, **env)
+    """``python -m pipeline.stages.<stage> <overrides>`` (``module`` a stage's name), or
+    ``python -m pipeline.<module>`` (``sweeps.report``), through the real entry point."""
+    name = f"pipeline.stages.{module}" if module in STAGES else f"pipeline.{module}"
+    return run([sys.executable, "-m", name, *overrides], cwd=cwd, timeout=timeout, **env)
 
 
 def dvc(project: Path, *args: str, timeout: float = 600) -> str:

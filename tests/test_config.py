@@ -13,11 +13,11 @@ from hydra.errors import ConfigCompositionException
 from omegaconf import OmegaConf
 
 from pipeline import schema
-from pipeline.cli import one_line
+from pipeline.errors import ConfigError, one_line
 from pipeline.paths import CONF_DIR
 from pipeline_testkit import error_lines, stage
 
-STAGES = ("prepare", "train", "evaluate", "compare")
+STAGES = ("prepare", "train", "evaluate", "compare", "sweep_report")
 
 
 @pytest.fixture
@@ -83,7 +83,7 @@ def test_quick_preset_shrinks_training_only(compose_cfg):
 ])
 def test_impossible_value_fails_naming_the_key(compose_cfg, name, overrides, key):
     cfg = compose_cfg(name, *overrides)
-    with pytest.raises(schema.ConfigError) as info:
+    with pytest.raises(ConfigError) as info:
         schema.validate(cfg)
     message = str(info.value)
     assert message.startswith(f"{key}: ") and "\n" not in message

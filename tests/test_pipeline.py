@@ -16,7 +16,7 @@ import pandas as pd
 import pytest
 from mlflow.tracking import MlflowClient
 
-from pipeline import prepared
+from pipeline import prepared_data
 from pipeline_testkit import (CHECKPOINT_METRICS, ROOT, TEST_METRICS, commit_all, copy_project, dvc,
                               error_lines, run, stage)
 
@@ -77,16 +77,16 @@ def test_missing_fashion_mnist_names_the_package(tmp_path):
                    f"paths.prepared_dir={tmp_path / 'prepared'}", timeout=60)
     assert result.returncode == 1
     assert error_lines(result) == [
-        f"error: {missing}: dataset 'fashion_mnist' not found: install Debian's package: "
+        f"error: {missing}: dataset 'fashion_mnist' not found: "
         "apt-get install dataset-fashion-mnist"]
 
 
 def test_prepare_writes_the_books_split_as_uint8(prepared_dir):
-    meta = prepared.read_meta(prepared_dir)
+    meta = prepared_data.read_meta(prepared_dir)
     assert meta["counts"] == {"train": 55000, "val": 5000, "test": 10000}
     assert meta["dataset"] == "mnist" and meta["split_seed"] == 0
     assert meta["raw_files"]["verified_against"].endswith("SHA256SUMS")
-    images, labels = prepared.load(prepared_dir, "val", meta)
+    images, labels = prepared_data.load(prepared_dir, "val", meta)
     assert images.dtype == "uint8" and images.shape == (5000, 28, 28) and labels.dtype == "int64"
     assert images.max() == 255
 
@@ -94,7 +94,7 @@ def test_prepare_writes_the_books_split_as_uint8(prepared_dir):
 def test_prepare_is_byte_reproducible(prepared_dir, tmp_path):
     again = tmp_path / "again"
     assert prepare_into(RAW, again).returncode == 0
-    assert prepared.read_meta(again)["files_sha256"] == prepared.read_meta(prepared_dir)["files_sha256"]
+    assert prepared_data.read_meta(again)["files_sha256"] == prepared_data.read_meta(prepared_dir)["files_sha256"]
 
 
 def test_diverging_training_fails_marks_its_run_and_writes_no_model(prepared_dir, tmp_path):
@@ -123,17 +123,17 @@ def test_evaluate_without_training_names_the_missing_file(prepared_dir, tmp_path
     assert result.returncode == 1
     assert error_lines(result) == [
         f"error: {tmp_path / 'models' / 'uni' / 'run.json'}: no such file: train this model "
-        "first (python -m pipeline.train model=uni)"]
+        "first (python -m pipeline.stages.train model=uni)"]
 
 
 def test_evaluate_refuses_a_model_trained_on_other_data(prepared_dir, tmp_path):
     from omegaconf import OmegaConf
 
-    from pipeline import tracking
+    from pipeline.tracking import runs, store
 
     db = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    client = tracking.connect(OmegaConf.create({"uri": db, "probe_timeout_seconds": 5}))
-    with tracking.run(client, "tests", "uni", {}) as run_id:
+    client = store.connect(OmegaConf.create({"uri": db, "probe_timeout_seconds": 5}))
+    with runs.new_run(client, "tests", "uni", {}) as run_id:
         pass
     model_dir = tmp_path / "models" / "uni"
     model_dir.mkdir(parents=True)
@@ -168,8 +168,9 @@ def training_run(pipeline: dict, name: str):
 
 def assert_report_equals_tracked_metrics(pipeline: dict) -> None:
     project = pipeline["project"]
-    table = pd.read_csv(project / "reports" / "table_19_12.csv", keep_default_na=False)
-    markdown = (project / "reports" / "table_19_12.md").read_text()
+    report = project / "reports" / "table_19_12"
+    table = pd.read_csv(report / "table.csv", keep_default_na=False)
+    markdown = (report / "report.md").read_text()
     test_json = json.loads((project / "metrics" / "test.json").read_text())
     rows = {(q, r): row for q, r, row in zip(table["quantity"], table["rule"], table.to_dict("records"))}
     for name in ("uni", "bi"):
@@ -185,8 +186,8 @@ def assert_report_equals_tracked_metrics(pipeline: dict) -> None:
     # the book's column is the quoted data, whatever we got
     assert list(rows[("parameter count", "")].values())[2:4] == [2281, 2060]
     for figure in ("validation_curves.png", "confusion_matrices.png"):
-        assert f"figures/{figure}" in markdown
-        assert (project / "reports" / "figures" / figure).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        assert f"]({figure})" in markdown
+        assert (report / figure).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 @pytest.fixture(scope="module")
@@ -201,7 +202,7 @@ def test_quick_repro_runs_every_stage(quick):
 @pytest.mark.parametrize("name, params", [("uni", 2282), ("bi", 2170)])
 def test_training_run_has_every_checkpoint_metric_at_every_step(quick, name, params):
     client, run_ = quick["client"], training_run(quick, name)
-    history = pd.read_csv(quick["project"] / "models" / name / "history.csv")
+    history = pd.read_csv(quick["project"] / "metrics" / f"history_{name}.csv")
     assert len(history) == 6  # quick: 3 epochs, a checkpoint every half epoch
     assert run_.info.status == "FINISHED" and run_.info.run_name == name
     for key in CHECKPOINT_METRICS:
@@ -226,13 +227,13 @@ def test_training_runs_are_comparable_side_by_side(quick):
 
 def test_training_run_tags(quick):
     head = run(["git", "rev-parse", "HEAD"], cwd=quick["project"]).stdout.strip()
-    meta = prepared.read_meta(quick["project"] / "data" / "prepared")
+    meta = prepared_data.read_meta(quick["project"] / "data" / "prepared")
     for name in ("uni", "bi"):
         tags = training_run(quick, name).data.tags
         assert tags["mlflow.source.git.commit"] == head and tags["git_dirty"] == "false"
-        assert tags["mlflow.source.name"] == "pipeline/train.py"
+        assert tags["mlflow.source.name"] == "pipeline/stages/train.py"
         assert tags["model_kind"] == name and tags["seed"] == "0" and tags["preset"] == "quick"
-        assert tags["data_sha256"] == prepared.fingerprint(meta) and tags["dataset"] == "mnist"
+        assert tags["data_sha256"] == prepared_data.fingerprint(meta) and tags["dataset"] == "mnist"
         assert json.loads(tags["hydra_overrides"]) == [f"model={name}", "experiment=quick"]
 
 
@@ -243,7 +244,7 @@ def test_test_metrics_and_report_equal_the_tracked_metrics(quick):
         assert all(0.0 <= metrics[key] <= 1.0 for key in TEST_METRICS if "acc" in key)
         assert metrics["test_acc_best"] > 0.3  # a real, if short, training: far above chance
     assert_report_equals_tracked_metrics(quick)
-    markdown = (quick["project"] / "reports" / "table_19_12.md").read_text()
+    markdown = (quick["project"] / "reports" / "table_19_12" / "report.md").read_text()
     assert "Preset `quick`" in markdown
 
 
@@ -254,7 +255,8 @@ def test_report_run_nests_the_training_runs(quick):
     parent = client.get_run(parent_id)
     assert parent.info.run_name == "table-19-12" and parent.info.status == "FINISHED"
     artifacts = {a.path for a in client.list_artifacts(parent_id)}
-    assert artifacts >= {"table_19_12.md", "table_19_12.csv", "figures"}
+    assert artifacts >= {"report.md", "table.csv", "validation_curves.png",
+                         "confusion_matrices.png"}
     uni_metrics = training_run(quick, "uni").data.metrics
     assert parent.data.metrics["uni.test_acc_best"] == uni_metrics["test_acc_best"]
 

@@ -10,8 +10,10 @@ from types import SimpleNamespace
 import pandas as pd
 import pytest
 
-from pipeline import stats, sweep, sweep_report, sweep_runs
-from pipeline.cli import StageError
+from pipeline.errors import StageError
+from pipeline.sweeps import job as sweep
+from pipeline.sweeps import page, statistics
+from pipeline.sweeps import runs as sweep_runs
 
 
 @pytest.mark.parametrize("sweep_dir, expected", [
@@ -77,7 +79,7 @@ def job_table(uni=UNI, bi=BI, uni_params=2282, bi_params=2170) -> pd.DataFrame:
 
 
 def test_summary_is_mean_sd_min_max_over_finished_seeds():
-    summary = sweep_report.summarize(job_table()).set_index("configuration")
+    summary = statistics.summarize(job_table()).set_index("configuration")
     assert list(summary.index) == ["uni", "bi"]  # the book's order; the failed job left out
     uni = summary.loc["uni"]
     assert uni["seeds"] == 3 and uni["param_count"] == 2282
@@ -90,10 +92,10 @@ def test_summary_is_mean_sd_min_max_over_finished_seeds():
 
 
 def test_differences_are_welch_intervals_of_bi_minus_uni():
-    diffs = sweep_report.differences(job_table(), confidence=0.95)
+    diffs = statistics.differences(job_table(), confidence=0.95)
     assert len(diffs) == 1
     pair = diffs.iloc[0]
-    expected = stats.welch_interval(BI, UNI, 0.95)
+    expected = statistics.welch_interval(BI, UNI, 0.95)
     assert (pair["test_acc_best_diff"], pair["test_acc_best_low"], pair["test_acc_best_high"]) \
         == pytest.approx((expected.difference, expected.low, expected.high))
     assert pair["test_loss_best_diff"] == pytest.approx(-expected.difference)
@@ -101,7 +103,7 @@ def test_differences_are_welch_intervals_of_bi_minus_uni():
 
 
 def test_no_interval_from_a_single_seed():
-    assert sweep_report.differences(job_table(uni=[0.95]), 0.95).empty
+    assert statistics.differences(job_table(uni=[0.95]), 0.95).empty
 
 
 @pytest.mark.parametrize("uni, bi, bi_params, words", [
@@ -111,8 +113,8 @@ def test_no_interval_from_a_single_seed():
     ([0.940, 0.942, 0.941], [0.958, 0.957, 0.959], 2370, "it is not smaller"),
 ])
 def test_verdict_sentence(uni, bi, bi_params, words):
-    pair = sweep_report.differences(job_table(uni, bi, bi_params=bi_params), 0.95).iloc[0]
-    sentence = sweep_report.verdict(pair)
+    pair = statistics.differences(job_table(uni, bi, bi_params=bi_params), 0.95).iloc[0]
+    sentence = page.verdict(pair)
     assert words in sentence
     assert f"{100 * (sum(bi) / 3 - sum(uni) / 3):+.2f} points" in sentence
     assert "Welch's t with" in sentence and "With the last parameters the difference is" in sentence
@@ -125,18 +127,18 @@ def test_page_lists_the_failed_job_and_the_books_rows():
                             "last": {"loss": 0.144703, "accuracy": 0.958}}},
             "param_count": {"uni": 2281, "bi": 2060}}
     jobs = job_table()
-    summary = sweep_report.summarize(jobs)
-    diffs = sweep_report.differences(jobs, 0.95)
-    context = {"report_id": "s", "command": "python -m pipeline.compare sweep=s",
+    summary = statistics.summarize(jobs)
+    diffs = statistics.differences(jobs, 0.95)
+    context = {"report_id": "s", "command": "python -m pipeline.sweeps.report sweep=s",
                "experiment": "e", "dataset": "mnist", "training": "t", "confidence": 0.95,
                "report_run": None,
                "sweeps": [{"id": "s", "parent": "p", "overrides": "model=uni,bi", "preset": "book",
                            "launcher": "joblib", "wall_seconds": 200.0}]}
-    text = sweep_report.page(context, summary, diffs, jobs, book)
+    text = page.page(context, summary, diffs, jobs, book)
     assert text.startswith("# Sweep `s`: ") and "Preset" not in text
     assert "| book, uni (one unseeded run) |" in text and "95.17%" in text
     assert "job 6 (`uni`, seed 0), FAILED: training loss became 1e4" in text
     assert "wall time / sum of job times = **0.41**" in text  # 200 / (7 jobs x 70 s)
-    metrics = sweep_report.parent_metrics(summary, diffs)
+    metrics = page.parent_metrics(summary, diffs)
     assert metrics["uni.test_acc_best.mean"] == pytest.approx(sum(UNI) / 3)
     assert not any(math.isnan(v) for v in metrics.values())

@@ -20,7 +20,7 @@ import pandas as pd
 import pytest
 from mlflow.tracking import MlflowClient
 
-from pipeline import sweep
+from pipeline.sweeps import job as sweep
 from pipeline_testkit import CHECKPOINT_METRICS, ROOT, TEST_METRICS, clean_env, error_lines, stage
 
 TINY = ("experiment=quick", "train.epochs=1", "train.train_limit=1500", "train.val_limit=300",
@@ -48,7 +48,7 @@ def run_sweep(workspace: dict, name: str, *overrides: str):
 
 def compare(workspace: dict, *overrides: str):
     paths = [p for p in workspace["paths"] if p.startswith(("tracking.", "paths.reports"))]
-    return stage("compare", *paths, *overrides, timeout=120)
+    return stage("sweeps.report", *paths, *overrides, timeout=120)
 
 
 def runs_of(client, sweep_id: str, role: str) -> list:
@@ -74,7 +74,7 @@ def test_parallel_sweep_ends_with_a_summary_line(seeds):
     assert error_lines(result) == []
     last = result.stdout.strip().splitlines()[-1]
     assert last.startswith(f"sweep {seeds['id']}: 4 jobs finished, ")
-    assert last.endswith(f"report: python -m pipeline.compare sweep={seeds['id']}")
+    assert last.endswith(f"report: python -m pipeline.sweeps.report sweep={seeds['id']}")
 
 
 def test_every_job_is_one_run_nested_under_the_sweeps_parent(seeds):
@@ -91,7 +91,7 @@ def test_every_job_is_one_run_nested_under_the_sweeps_parent(seeds):
         assert run.info.status == "FINISHED"
         assert run.data.tags["mlflow.parentRunId"] == parent.info.run_id
         assert run.info.experiment_id == parent.info.experiment_id
-        assert run.data.tags["mlflow.source.name"] == "pipeline/train.py"  # not the worker's
+        assert run.data.tags["mlflow.source.name"] == "pipeline/stages/train.py"  # not the worker's
         seed = run.data.params["train.seed"]
         assert run.info.run_name == f"{run.data.tags['model_kind']} train.seed={seed}"
 
@@ -100,7 +100,7 @@ def test_every_metric_of_every_job_is_there_exactly_once(seeds):
     client = seeds["client"]
     for num, run in by_job(runs_of(client, seeds["id"], "job")).items():
         kind = run.data.tags["model_kind"]
-        history = pd.read_csv(seeds["dir"] / str(num) / "models" / kind / "history.csv")
+        history = pd.read_csv(seeds["dir"] / str(num) / "metrics" / f"history_{kind}.csv")
         assert len(history) == 2  # 1 epoch, a checkpoint every half epoch
         for key in CHECKPOINT_METRICS:
             logged = client.get_metric_history(run.info.run_id, key)
@@ -265,7 +265,7 @@ def test_compare_refuses_a_confidence_outside_its_range(workspace):
 def test_ctrl_c_ends_the_sweep_and_its_runs_killed(workspace):
     sweep_dir = workspace["tmp"] / "interrupted"
     sweep_id = sweep.sweep_id(str(sweep_dir))
-    command = [sys.executable, "-m", "pipeline.train", "-m", "hydra/launcher=joblib",
+    command = [sys.executable, "-m", "pipeline.stages.train", "-m", "hydra/launcher=joblib",
                "hydra.launcher.n_jobs=2", f"hydra.sweep.dir={sweep_dir}", *workspace["paths"],
                "experiment=quick", "train.epochs=50", "model=uni,bi"]
     # A terminal's Ctrl-C sends SIGINT to the whole process group: the sweep and its workers.

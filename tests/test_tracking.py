@@ -11,8 +11,8 @@ import time
 import pytest
 from omegaconf import OmegaConf
 
-from pipeline import tracking
-from pipeline.cli import StageError
+from pipeline.errors import StageError
+from pipeline.tracking import metrics, runs, store
 from pipeline_testkit import ROOT, error_lines, free_port, stage
 
 
@@ -25,23 +25,23 @@ def test_default_store_is_sqlite_at_the_project_root_whatever_the_cwd(monkeypatc
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     monkeypatch.delenv("DVC_ROOT", raising=False)
     monkeypatch.chdir(tmp_path)
-    assert tracking.tracking_uri(tracking_cfg(None)) == f"sqlite:///{ROOT / 'mlflow.db'}"
+    assert store.tracking_uri(tracking_cfg(None)) == f"sqlite:///{ROOT / 'mlflow.db'}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://example.invalid:5000")
-    assert tracking.tracking_uri(tracking_cfg(None)) == "http://example.invalid:5000"
-    assert tracking.tracking_uri(tracking_cfg("sqlite:////x/y.db")) == "sqlite:////x/y.db"
+    assert store.tracking_uri(tracking_cfg(None)) == "http://example.invalid:5000"
+    assert store.tracking_uri(tracking_cfg("sqlite:////x/y.db")) == "sqlite:////x/y.db"
 
 
 def test_dvc_experiment_copies_share_the_original_store(monkeypatch, tmp_path):
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     monkeypatch.setenv("DVC_ROOT", str(tmp_path))  # what DVC sets for queued/--temp runs
-    assert tracking.tracking_uri(tracking_cfg(None)) == f"sqlite:///{tmp_path / 'mlflow.db'}"
+    assert store.tracking_uri(tracking_cfg(None)) == f"sqlite:///{tmp_path / 'mlflow.db'}"
 
 
 def test_unreachable_server_fails_within_seconds():
     uri = f"http://127.0.0.1:{free_port()}"  # nothing listens there
     started = time.monotonic()
     with pytest.raises(StageError, match="tracking store http://127.0.0.1:.* is not usable"):
-        tracking.connect(tracking_cfg(uri))
+        store.connect(tracking_cfg(uri))
     assert time.monotonic() - started < 5
 
 
@@ -54,7 +54,7 @@ def test_silent_server_fails_after_the_probe_timeout():
         uri = f"http://127.0.0.1:{silent.getsockname()[1]}"
         started = time.monotonic()
         with pytest.raises(StageError, match="is not usable"):
-            tracking.connect(tracking_cfg(uri, timeout=2))
+            store.connect(tracking_cfg(uri, timeout=2))
         elapsed = time.monotonic() - started
     assert 1.5 < elapsed < 8, elapsed
 
@@ -73,7 +73,7 @@ def test_entry_point_reports_an_unreachable_server_in_one_line_within_seconds():
 def test_flatten_gives_dotted_params():
     cfg = OmegaConf.create({"model": {"lr": 0.01, "lr_milestones": {30: 0.008}, "m": {}},
                             "models": ["uni", "bi"], "name": "${model.lr}"})
-    assert tracking.flatten(cfg) == {"model.lr": "0.01", "model.lr_milestones.30": "0.008",
+    assert runs.flatten(cfg) == {"model.lr": "0.01", "model.lr_milestones.30": "0.008",
                                      "model.m": "{}", "models": '["uni", "bi"]', "name": "0.01"}
 
 
@@ -87,7 +87,7 @@ class RecordingClient:
 
 def test_metric_buffer_sends_batches_not_single_values():
     client = RecordingClient()
-    buffer = tracking.MetricBuffer(client, "run", flush_every_seconds=3600)
+    buffer = metrics.MetricBuffer(client, "run", flush_every_seconds=3600)
     for step in range(200):
         buffer.add({"val_loss": 1.0 / (step + 1), "lr": 0.01}, step=step * 215 + 214)
     assert client.batches == []  # nothing sent before the interval or the final flush
@@ -99,16 +99,16 @@ def test_metric_buffer_sends_batches_not_single_values():
 
 def test_metric_buffer_flushes_when_the_interval_has_passed():
     client = RecordingClient()
-    buffer = tracking.MetricBuffer(client, "run", flush_every_seconds=0)
+    buffer = metrics.MetricBuffer(client, "run", flush_every_seconds=0)
     buffer.add({"val_loss": 1.0}, step=1)
     buffer.add({"val_loss": 0.5}, step=2)
     assert [len(batch) for batch in client.batches] == [1, 1]
 
 
 def test_a_failed_run_is_marked_failed_with_the_error(tmp_path):
-    client = tracking.connect(tracking_cfg(f"sqlite:///{tmp_path / 'mlflow.db'}"))
+    client = store.connect(tracking_cfg(f"sqlite:///{tmp_path / 'mlflow.db'}"))
     with pytest.raises(RuntimeError):
-        with tracking.run(client, "tests", "uni", {"model_kind": "uni"}) as run_id:
+        with runs.new_run(client, "tests", "uni", {"model_kind": "uni"}) as run_id:
             raise RuntimeError("loss became nan at epoch 3, iteration 1300")
     run = client.get_run(run_id)
     assert run.info.status == "FAILED"
@@ -117,16 +117,16 @@ def test_a_failed_run_is_marked_failed_with_the_error(tmp_path):
 
 
 def test_adopted_runs_are_nested_under_the_report_run(tmp_path):
-    client = tracking.connect(tracking_cfg(f"sqlite:///{tmp_path / 'mlflow.db'}"))
+    client = store.connect(tracking_cfg(f"sqlite:///{tmp_path / 'mlflow.db'}"))
     children = []
     for name in ("uni", "bi"):
-        with tracking.run(client, "tests", name, {}) as run_id:
+        with runs.new_run(client, "tests", name, {}) as run_id:
             children.append(run_id)
-    with tracking.run(client, "tests", "table-19-12", {}) as parent:
-        tracking.adopt_children(client, parent, children)
+    with runs.new_run(client, "tests", "table-19-12", {}) as parent:
+        runs.adopt_children(client, parent, children)
     for child in children:
-        assert client.get_run(child).data.tags[tracking.PARENT_TAG] == parent
-    assert client.get_run(parent).data.tags[tracking.COMPARED_TAG] == ",".join(children)
+        assert client.get_run(child).data.tags[runs.PARENT_TAG] == parent
+    assert client.get_run(parent).data.tags[runs.COMPARED_TAG] == ",".join(children)
 
 
 class FlakyClient:
@@ -148,7 +148,7 @@ class FlakyClient:
 
 def test_lock_errors_are_retried_with_growing_waits():
     waits = []
-    client = tracking.LockRetryingClient(FlakyClient(locked=3), attempts=8, first_wait=0.2,
+    client = store.LockRetryingClient(FlakyClient(locked=3), attempts=8, first_wait=0.2,
                                          max_wait=5.0, sleep=waits.append)
     assert client.log_batch("run", metrics=[]) == "run"
     assert client._client.calls == 4 and len(waits) == 3
@@ -161,7 +161,7 @@ def test_lock_retries_are_bounded():
     from mlflow.exceptions import MlflowException
 
     waits = []
-    client = tracking.LockRetryingClient(FlakyClient(locked=100), attempts=5, sleep=waits.append)
+    client = store.LockRetryingClient(FlakyClient(locked=100), attempts=5, sleep=waits.append)
     with pytest.raises(MlflowException, match="database is locked"):
         client.log_batch("run")
     assert client._client.calls == 5 and len(waits) == 4
@@ -172,7 +172,7 @@ def test_other_errors_are_not_retried():
     from mlflow.exceptions import MlflowException
 
     waits = []
-    client = tracking.LockRetryingClient(FlakyClient(locked=1, error="run xyz not found"),
+    client = store.LockRetryingClient(FlakyClient(locked=1, error="run xyz not found"),
                                          sleep=waits.append)
     with pytest.raises(MlflowException, match="not found"):
         client.log_batch("run")
@@ -180,20 +180,20 @@ def test_other_errors_are_not_retried():
 
 
 def test_connect_returns_a_lock_retrying_client(tmp_path):
-    client = tracking.connect(tracking_cfg(f"sqlite:///{tmp_path / 'mlflow.db'}"))
-    assert isinstance(client, tracking.LockRetryingClient)
+    client = store.connect(tracking_cfg(f"sqlite:///{tmp_path / 'mlflow.db'}"))
+    assert isinstance(client, store.LockRetryingClient)
 
 
 CONNECT_AT = """
 import sys, time
 from omegaconf import OmegaConf
-from pipeline import tracking
+from pipeline.tracking import store
 cfg = OmegaConf.create({"uri": sys.argv[1], "experiment_name": "race",
                         "probe_timeout_seconds": 30, "flush_every_seconds": 0})
 while time.time() < float(sys.argv[2]):
     time.sleep(0.002)
-client = tracking.connect(cfg)
-print("experiment", tracking.experiment_id(client, "race"))
+client = store.connect(cfg)
+print("experiment", store.experiment_id(client, "race"))
 """
 
 

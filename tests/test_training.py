@@ -405,3 +405,16 @@ def test_short_training_on_mnist_learns(mnist_small, make):
     assert ev.accuracy == result.best.val_acc
     assert ev.accuracy > 0.65
     assert ev.loss < 1.2
+
+
+def test_progress_line_keeps_the_books_fields_and_says_where_it_is():
+    from birnn.training import Checkpoint, progress_line
+
+    c = Checkpoint(epoch=36, iteration=15909, lr=0.005, train_loss=0.3, train_acc=0.9,
+                   val_loss=0.25, val_acc=0.93)
+    line = progress_line(c, epochs=100, total_iterations=43000, elapsed=318.0)
+    assert line.startswith("36:15909:0.005000 loss=0.250000, acc=0.930000 (train batch")
+    # 15,910 of 43,000 done in 318 s: 27,090 left at 0.01999 s each, about 541 s
+    assert line.endswith("epoch 37/100, iteration 15,910/43,000, 0:05:18 elapsed, "
+                         "about 0:09:01 left")
+    assert "\n" not in line

@@ -1,17 +1,9 @@
 """Hydra's hooks around a sweep (registered in conf/train.yaml under hydra.callbacks).
 
-Start, in the launching process, before any job: check the tracking store answers (a fresh
-SQLite file gets MLflow's schema migrations here, once, instead of racing in parallel jobs),
-create the experiment (parallel creators would race) and the sweep's parent run, which every
-job then finds by its ``sweep_id`` tag (pipeline.sweep).
-
-End, after the last job: count the jobs' runs by status, record the sweep's wall time, the
-sum of the jobs' own times and their ratio on the parent run, end it FINISHED (every job
-finished) or FAILED, and print one summary line. If any job failed, or left no run at all,
-the line names them and the command exits 1.
-
-Hydra turns an exception raised in a callback into a warning and carries on, so both hooks end
-the command themselves (``SystemExit``) when they must stop it.
+Start: check the store answers, create the experiment and the sweep's parent run once, before
+any job (parallel jobs would race). End: count the jobs' runs by status, record the timing on
+the parent, end it, print one summary line; exit 1 naming the jobs that failed. Hydra turns an
+exception in a callback into a warning, so both hooks end the command themselves.
 """
 
 from __future__ import annotations
@@ -24,8 +16,11 @@ from pathlib import Path
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
-from pipeline import schema, sweep, tracking
-from pipeline.cli import StageError, exit_with_error, on_interrupt
+from pipeline import schema
+from pipeline.errors import StageError, exit_with_error
+from pipeline.interrupts import on_interrupt
+from pipeline.sweeps import job as sweep
+from pipeline.tracking import metrics, runs, store
 
 log = logging.getLogger(__name__)
 
@@ -61,20 +56,21 @@ class SweepCallback(Callback):
     def on_multirun_start(self, config: DictConfig, **kwargs) -> None:
         try:
             schema.validate(OmegaConf.create({"tracking": config.tracking}))
-            client = tracking.connect(config.tracking)
+            client = store.connect(config.tracking)
             self.sweep_id = sweep.sweep_id(config.hydra.sweep.dir)
             existing = sweep.find_parent(client, self.sweep_id)
             if existing is not None:
                 raise StageError(f"sweep {self.sweep_id!r} already exists (parent run "
                                  f"{existing.info.run_id}): give this sweep its own "
                                  "hydra.sweep.dir")
-            experiment = tracking.experiment_id(client, config.tracking.experiment_name)
+            experiment = store.experiment_id(client, config.tracking.experiment_name)
             choices = config.hydra.runtime.choices
-            tags = {**tracking.source_tags(), sweep.SWEEP_TAG: self.sweep_id,
+            tags = {**runs.source_tags(), sweep.SWEEP_TAG: self.sweep_id,
                     sweep.ROLE_TAG: "parent", "stage": "train sweep",
                     "sweep_dir": str(Path(config.hydra.sweep.dir).resolve()),
                     "sweep_overrides": " ".join(config.hydra.overrides.task),
                     sweep.SWEPT_TAG: json.dumps(sweep.swept_keys(config.hydra.overrides.task)),
+                    sweep.TOTAL_TAG: str(sweep.count_jobs(config.hydra.overrides.task) or "?"),
                     "launcher": str(choices.get("hydra/launcher")),
                     "preset": str(choices.get("experiment"))}
             run = client.create_run(experiment, run_name=f"sweep {self.sweep_id}", tags=tags)
@@ -88,10 +84,10 @@ class SweepCallback(Callback):
     def _interrupted(self, client) -> None:
         """Ctrl-C: the parent and every job run still RUNNING end KILLED (a worker may be
         stopped before it can mark its own run)."""
-        tracking.end_killed(client, self.parent_run_id)
-        for run in tracking.search_runs(client, sweep.jobs_filter(self.sweep_id)):
+        runs.end_killed(client, self.parent_run_id)
+        for run in runs.search_runs(client, sweep.jobs_filter(self.sweep_id)):
             if run.info.status == "RUNNING":
-                tracking.end_killed(client, run.info.run_id)
+                runs.end_killed(client, run.info.run_id)
 
     def on_multirun_end(self, config: DictConfig, **kwargs) -> None:
         try:
@@ -103,41 +99,41 @@ class SweepCallback(Callback):
         print(summary, flush=True)
 
     def _finish(self, config: DictConfig) -> tuple[str, bool]:
-        client = tracking.connect(config.tracking)
-        runs = tracking.search_runs(client, sweep.jobs_filter(self.sweep_id))
+        client = store.connect(config.tracking)
+        job_runs = runs.search_runs(client, sweep.jobs_filter(self.sweep_id))
         by_status: dict[str, list] = {}
-        for run in runs:
+        for run in job_runs:
             by_status.setdefault(run.info.status, []).append(run)
-        recorded = {int(run.data.tags.get(sweep.JOB_TAG, -1)) for run in runs}
+        recorded = {int(run.data.tags.get(sweep.JOB_TAG, -1)) for run in job_runs}
         unrecorded = {num: overrides for num, overrides
                       in launched_jobs(Path(config.hydra.sweep.dir)).items()
                       if num not in recorded}
         finished = by_status.get("FINISHED", [])
         not_finished = [run for status, group in by_status.items() if status != "FINISHED"
                         for run in group]
-        jobs = len(runs) + len(unrecorded)
+        jobs = len(job_runs) + len(unrecorded)
 
         parent = client.get_run(self.parent_run_id)
         wall = time.time() - parent.info.start_time / 1000
-        job_seconds = sum(run.data.metrics.get("job_seconds", 0.0) for run in runs)
-        train_seconds = sum(run.data.metrics.get("train_seconds", 0.0) for run in runs)
-        metrics = {"sweep_seconds": wall, "jobs": jobs, "jobs_finished": len(finished),
+        job_seconds = sum(run.data.metrics.get("job_seconds", 0.0) for run in job_runs)
+        train_seconds = sum(run.data.metrics.get("train_seconds", 0.0) for run in job_runs)
+        values = {"sweep_seconds": wall, "jobs": jobs, "jobs_finished": len(finished),
                    "jobs_failed": jobs - len(finished), "job_seconds_sum": job_seconds,
                    "train_seconds_sum": train_seconds}
         if job_seconds > 0:
-            metrics["parallel_ratio"] = wall / job_seconds  # 1: serial; 1/n_jobs: ideal
-        tracking.log_metrics(client, self.parent_run_id, metrics)
+            values["parallel_ratio"] = wall / job_seconds  # 1: serial; 1/n_jobs: ideal
+        metrics.log_metrics(client, self.parent_run_id, values)
 
         timing = (f"{wall:.0f} s wall, the jobs' own times sum to {job_seconds:.0f} s"
                   + (f" (ratio {wall / job_seconds:.2f})" if job_seconds > 0 else ""))
         if not not_finished and not unrecorded:
             client.set_terminated(self.parent_run_id, "FINISHED")
             return (f"sweep {self.sweep_id}: {jobs} jobs finished, {timing}; parent run "
-                    f"{self.parent_run_id}; report: python -m pipeline.compare "
+                    f"{self.parent_run_id}; report: python -m pipeline.sweeps.report "
                     f"sweep={self.sweep_id}"), False
         swept = json.loads(parent.data.tags.get(sweep.SWEPT_TAG, "[]"))
         problems = [f"{_job_label(run, swept)} {run.info.status}: "
-                    f"{run.data.tags.get(tracking.ERROR_TAG, 'no error recorded')}"
+                    f"{run.data.tags.get(runs.ERROR_TAG, 'no error recorded')}"
                     for run in sorted(not_finished,
                                       key=lambda r: int(r.data.tags.get(sweep.JOB_TAG, -1)))]
         problems += [f"job {num} ({overrides}) left no run in MLflow (see its log in "
@@ -146,5 +142,5 @@ class SweepCallback(Callback):
         summary = (f"sweep {self.sweep_id}: {jobs - len(finished)} of {jobs} jobs failed: "
                    + "; ".join(problems) + f" ({len(finished)} finished, {timing}; parent "
                    f"run {self.parent_run_id})")
-        tracking.end_failed(client, self.parent_run_id, summary)
+        runs.end_failed(client, self.parent_run_id, summary)
         return summary, True

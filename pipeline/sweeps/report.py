@@ -1,18 +1,11 @@
-"""The compare stage's sweep mode: the multi-seed report of a sweep, from MLflow alone.
+"""The multi-seed report of one or more sweeps, from MLflow alone.
 
-    python -m pipeline.compare sweep=<id> [confidence=0.95]
-    python -m pipeline.compare 'sweep=[<id>,<id>]'    several sweeps' runs together
+    python -m pipeline.sweeps.report sweep=<id> [confidence=0.95]
+    python -m pipeline.sweeps.report 'sweep=[<id>,<id>]'    several sweeps' runs together
 
-writes reports/sweeps/<id>/ (report.md, runs.csv, summary.csv, differences.csv,
-per_seed.png; several sweeps: reports/sweeps/<id>+<id>/) and logs the same files and the
-report's numbers to the sweep's parent run (several sweeps: to a new report run named after
-them). The folder is written under a temporary name and swapped in whole after the tracking
-calls: a failure leaves the previous report, or none, never half of one.
-
-Several sweeps: one Hydra sweep is a product of values, and the models' groups differ (uni has
-no merge mode, bi no hidden_size), so comparing, say, bi's merge modes with uni takes two
-sweeps: ``-m model=uni train.seed=0,1,2,3,4`` and ``-m model=bi model.merge=sum,concat
-train.seed=0,1,2,3,4``, then ``'sweep=[<first>,<second>]'``.
+writes reports/sweeps/<id>/ (report.md, runs.csv, summary.csv, differences.csv, per_seed.png;
+several: reports/sweeps/<id>+<id>/) whole, and logs the same to the sweep's parent run (several
+sweeps: to a report run of their own).
 """
 
 from __future__ import annotations
@@ -23,9 +16,15 @@ from pathlib import Path
 
 from omegaconf import DictConfig, ListConfig
 
-from pipeline import figures, io, report, sweep, sweep_report, sweep_runs, tracking
-from pipeline.cli import StageError
+from pipeline import files
+from pipeline.entrypoint import stage
+from pipeline.errors import StageError
 from pipeline.paths import project_path
+from pipeline.reports import figures, table_19_12
+from pipeline.sweeps import job as sweep
+from pipeline.sweeps import page, statistics
+from pipeline.sweeps import runs as sweep_runs
+from pipeline.tracking import metrics, runs, store
 
 log = logging.getLogger(__name__)
 
@@ -40,7 +39,7 @@ def requested_ids(value) -> list[str]:
 
 def check_both_models(found: sweep_runs.SweepRuns) -> None:
     jobs = found.jobs
-    kinds = set(sweep_report.finished(jobs)["kind"])
+    kinds = set(statistics.finished(jobs)["kind"])
     if {"uni", "bi"} <= kinds:
         return
     counts = ", ".join(f"{n} {s.lower()}" for s, n in jobs["status"].value_counts().items())
@@ -73,33 +72,34 @@ def describe_sweeps(found: sweep_runs.SweepRuns) -> list[dict]:
 def command(sweep_ids: list[str]) -> str:
     value = sweep_ids[0] if len(sweep_ids) == 1 else f"[{','.join(sweep_ids)}]"
     quote = "" if len(sweep_ids) == 1 else "'"
-    return f"python -m pipeline.compare {quote}sweep={value}{quote}"
+    return f"python -m pipeline.sweeps.report {quote}sweep={value}{quote}"
 
 
-def write_files(folder: Path, page: str, jobs, summary, diffs, figure) -> None:
-    (folder / "report.md").write_text(page, encoding="utf-8")
+def write_files(folder: Path, text: str, jobs, summary, diffs, figure) -> None:
+    (folder / "report.md").write_text(text, encoding="utf-8")
     jobs.to_csv(folder / "runs.csv", index=False)
     summary.to_csv(folder / "summary.csv", index=False)
     diffs.to_csv(folder / "differences.csv", index=False)
     figures.save_png(figure, folder / "per_seed.png")
 
 
-def log_report(client, folder: Path, metrics: dict, run_id: str) -> None:
+def log_report(client, folder: Path, values: dict, run_id: str) -> None:
     client.log_artifacts(run_id, str(folder), "report")
-    tracking.log_metrics(client, run_id, metrics)
+    metrics.log_metrics(client, run_id, values)
 
 
-def main(cfg: DictConfig, client) -> None:
+def sweep_report_task(cfg: DictConfig) -> None:
     started = time.monotonic()
+    client = store.connect(cfg.tracking)
     found = sweep_runs.fetch(client, requested_ids(cfg.sweep))
     check_both_models(found)
-    book = report.load_book(project_path(cfg.paths.book_numbers))
+    book = table_19_12.load_book(project_path(cfg.paths.book_numbers))
     jobs = found.jobs
-    summary = sweep_report.summarize(jobs)
-    diffs = sweep_report.differences(jobs, cfg.confidence)
-    metrics = sweep_report.parent_metrics(summary, diffs)
+    summary = statistics.summarize(jobs)
+    diffs = statistics.differences(jobs, cfg.confidence)
+    values = page.parent_metrics(summary, diffs)
     kinds = [kind for kind in ("uni", "bi") if kind in set(summary["kind"])]
-    figure = figures.per_seed(sweep_report.finished(jobs), list(summary["configuration"]),
+    figure = figures.per_seed(statistics.finished(jobs), list(summary["configuration"]),
                               {kind: book["test"][kind] for kind in kinds})
     context = {"report_id": found.report_id, "command": command(found.sweep_ids),
                "experiment": found.experiment, "dataset": found.dataset,
@@ -107,20 +107,26 @@ def main(cfg: DictConfig, client) -> None:
                "sweeps": describe_sweeps(found), "report_run": None}
 
     target = project_path(cfg.paths.reports_dir) / "sweeps" / found.report_id
-    with io.staging_dir(target) as staging:
+    with files.publish_dir(target) as staging:
         if len(found.sweep_ids) == 1 and found.parents:  # the sweep's own parent holds it
-            write_files(staging, sweep_report.page(context, summary, diffs, jobs, book), jobs,
+            write_files(staging, page.page(context, summary, diffs, jobs, book), jobs,
                         summary, diffs, figure)
-            log_report(client, staging, metrics, found.parents[0].info.run_id)
+            log_report(client, staging, values, found.parents[0].info.run_id)
         else:  # several sweeps (or no parent): a report run of its own
-            tags = {"stage": "compare", "compared_sweeps": ",".join(found.sweep_ids)}
-            with tracking.run(client, found.experiment, f"sweeps {found.report_id}",
+            tags = {"stage": "sweep report", "compared_sweeps": ",".join(found.sweep_ids)}
+            with runs.new_run(client, found.experiment, f"sweeps {found.report_id}",
                               tags) as run_id:
                 context["report_run"] = run_id
-                write_files(staging, sweep_report.page(context, summary, diffs, jobs, book),
+                write_files(staging, page.page(context, summary, diffs, jobs, book),
                             jobs, summary, diffs, figure)
-                log_report(client, staging, metrics, run_id)
+                log_report(client, staging, values, run_id)
     log.info("wrote %s/report.md in %.1f s", target, time.monotonic() - started)
     for _, pair in diffs.iterrows():
-        print(sweep_report.verdict(pair))
+        print(page.verdict(pair))
     print(f"report: {target / 'report.md'}")
+
+
+main = stage("sweep_report")(sweep_report_task)
+
+if __name__ == "__main__":
+    main()

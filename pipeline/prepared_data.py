@@ -1,13 +1,7 @@
 """The prepared dataset on disk: data/prepared/{train,val,test}.npz and meta.json.
 
-Images are stored as uint8 (0..255) and labels as int64; the stages that train and evaluate
-scale pixels to [0, 1] when loading, with ``birnn.data.scale_pixels`` (x / 255, as the book).
-Storing uint8 instead of the float64 the models compute in makes the files, and DVC's cache
-of them, 8x smaller (47 MB instead of 376 MB for MNIST), and scaling costs well under a second.
-
-meta.json records the dataset, the split (fraction, seed, counts), the raw files' sha256 and
-the sha256 of each .npz, which the loaders verify so that a corrupted or hand-edited file is
-an error rather than a silently different experiment.
+Images are kept as uint8 (8x smaller than float64) and scaled at load time; meta.json records
+the split and the sha256 of every file, which :func:`load` verifies.
 """
 
 from __future__ import annotations
@@ -20,7 +14,7 @@ from typing import Mapping
 import numpy as np
 
 from birnn.data import DataError, sha256_file
-from pipeline import io
+from pipeline import files
 
 SPLITS = ("train", "val", "test")
 META = "meta.json"
@@ -29,17 +23,17 @@ META = "meta.json"
 def write(folder: Path, splits: Mapping[str, tuple[np.ndarray, np.ndarray]],
           meta: dict) -> dict:
     """Write the three splits and meta.json into ``folder`` (an empty staging folder)."""
-    files = {}
+    digests = {}
     for split in SPLITS:
         images, labels = splits[split]
         path = folder / f"{split}.npz"
-        io.save_npz(path, {"images": images.astype(np.uint8), "labels": labels.astype(np.int64)})
-        files[path.name] = sha256_file(path)
+        files.save_npz(path, {"images": images.astype(np.uint8), "labels": labels.astype(np.int64)})
+        digests[path.name] = sha256_file(path)
     meta = {**meta, "counts": {split: int(len(splits[split][1])) for split in SPLITS},
             "storage": "images uint8 0..255 (N, 28, 28), labels int64 (N,); "
                        "scaled to [0, 1] at load with birnn.data.scale_pixels",
-            "files_sha256": files}
-    io.write_json(folder / META, meta)
+            "files_sha256": digests}
+    files.write_json(folder / META, meta)
     return meta
 
 
@@ -49,7 +43,7 @@ def read_meta(folder: Path) -> dict:
         return json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise DataError(f"{path}: no such file: run the prepare stage first "
-                        f"(python -m pipeline.prepare)") from None
+                        f"(python -m pipeline.stages.prepare)") from None
     except (OSError, ValueError) as exc:
         raise DataError(f"{path}: unreadable: {exc}") from None
 

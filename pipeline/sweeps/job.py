@@ -1,22 +1,8 @@
-"""A sweep job's identity and its place in MLflow (the design is in pipeline.tracking's docstring).
+"""A sweep job's identity (sweep id, job number, overrides) and its place in MLflow: the
+tags that group a sweep's runs and nest them under its parent run.
 
-    python -m pipeline.train -m model=uni,bi train.seed=0,1,2,3,4 hydra/launcher=joblib
-    python -m pipeline.compare sweep=<id>          (the id is printed when the sweep ends)
-
-``-m`` runs every combination as its own job (Hydra's multirun). ``hydra/launcher=joblib``
-(the hydra-joblib-launcher plugin's own config) runs them in parallel processes on this
-machine, as many at a time as there are cores (its n_jobs defaults to -1; set
-``hydra.launcher.n_jobs=<n>`` to change it); without it they run one after another.
-
-Every job of one sweep shares ``hydra.sweep.dir``; the sweep's id is that path without a
-leading ``multirun/`` and with ``/`` replaced by ``_`` (Hydra's default
-``multirun/2026-11-28/12-34-56`` gives ``2026-11-28_12-34-56``; ``hydra.sweep.dir=multirun/seeds``
-gives ``seeds``). It is computed from the configured string, not from an absolute path, so
-that processes started elsewhere (launcher workers, other machines) compute the same one. A
-sweep directory serves one sweep: starting another in it is refused.
-
-A job writes its model files under its own output directory (``<sweep dir>/<job number>/``),
-never into models/, so parallel jobs cannot overwrite each other or the DVC pipeline's models.
+The sweep id is the configured ``hydra.sweep.dir`` without a leading ``multirun/``, ``/``
+replaced by ``_`` (docs/architecture.md, "Sweeps").
 """
 
 from __future__ import annotations
@@ -30,8 +16,8 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
-from pipeline import tracking
-from pipeline.cli import StageError
+from pipeline.errors import StageError
+from pipeline.tracking import runs, store
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +25,7 @@ SWEEP_TAG = "sweep_id"
 ROLE_TAG = "sweep_role"  # "parent" or "job"
 JOB_TAG = "sweep_job"  # the job's number in the sweep (Hydra's hydra.job.num)
 SWEPT_TAG = "swept_keys"  # on the parent: JSON list of the keys the sweep varies
+TOTAL_TAG = "sweep_jobs_total"  # on the parent: how many jobs the command line makes
 
 
 def sweep_id(sweep_dir: str) -> str:
@@ -68,6 +55,30 @@ def swept_keys(overrides: list[str]) -> list[str]:
             if o.is_sweep_override()]
 
 
+def count_jobs(overrides: list[str]) -> int | None:
+    """How many jobs Hydra's basic sweeper makes of these overrides (the product of the swept
+    values' counts); None when that is not known in advance (an Optuna interval, say)."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    total = 1
+    try:
+        for override in OverridesParser.create().parse_overrides(list(overrides)):
+            if override.is_sweep_override():
+                total *= len(list(override.sweep_string_iterator()))
+    except Exception:
+        return None
+    return total
+
+
+def log_progress(client, identifier: str) -> None:
+    """'sweep <id>: 7 of 40 jobs done': one line, at the end of every job."""
+    parent = find_parent(client, identifier)
+    total = parent.data.tags.get(TOTAL_TAG, "?") if parent is not None else "?"
+    done = [run for run in runs.search_runs(client, jobs_filter(identifier))
+            if run.info.status != "RUNNING"]
+    log.info("sweep %s: %d of %s jobs done", identifier, len(done), total)
+
+
 def check_id(identifier: str, key: str = "sweep") -> str:
     """A sweep id typed by a user, safe to put into an MLflow filter string."""
     identifier = str(identifier).strip()
@@ -87,7 +98,7 @@ def jobs_filter(identifier: str) -> str:
 def find_parent(client, identifier: str):
     """The sweep's parent run, or None. Several (a reused sweep directory on a store the
     start hook did not see) would be an error: it names them."""
-    parents = tracking.search_runs(client, parent_filter(identifier))
+    parents = runs.search_runs(client, parent_filter(identifier))
     if len(parents) > 1:
         ids = ", ".join(run.info.run_id for run in parents)
         raise StageError(f"sweep {identifier!r} has {len(parents)} parent runs ({ids}): "
@@ -116,14 +127,14 @@ class Job:
         tags = {SWEEP_TAG: self.sweep_id, ROLE_TAG: "job", JOB_TAG: str(self.num),
                 "hydra_overrides": json.dumps(list(self.overrides))}
         if parent is not None:
-            tags[tracking.PARENT_TAG] = parent.info.run_id
+            tags[runs.PARENT_TAG] = parent.info.run_id
         return tags
 
     def find_run(self, client):
         """This job's run, if it got as far as creating one."""
-        runs = tracking.search_runs(
+        found = runs.search_runs(
             client, f"{jobs_filter(self.sweep_id)} and tags.{JOB_TAG} = '{self.num}'")
-        return runs[0] if runs else None
+        return found[0] if found else None
 
 
 def current_job() -> Job | None:
@@ -153,18 +164,19 @@ def record_failed_job(cfg: DictConfig, error: str, script: str) -> None:
     own, with the job's configuration as params, so that the sweep still has one run per job.
     """
     job = current_job()
-    client = tracking.connect(cfg.tracking)
+    client = store.connect(cfg.tracking)
     if job.find_run(client) is not None:
         return
-    experiment = tracking.experiment_id(client, cfg.tracking.experiment_name)
+    experiment = store.experiment_id(client, cfg.tracking.experiment_name)
     kind = str(cfg.model.kind)
     parent = parent_run(client, job)
     run = client.create_run(experiment, run_name=job.run_name(kind, parent),
-                            tags={**tracking.source_tags(script), **job.tags(parent),
+                            tags={**runs.source_tags(script), **job.tags(parent),
                                   "stage": "train", "model_kind": kind})
     try:
-        params = tracking.flatten(cfg)
+        params = runs.flatten(cfg)
     except Exception:  # the failure may be an interpolation that does not resolve
         params = {}
-    tracking.log_params(client, run.info.run_id, params)
-    tracking.end_failed(client, run.info.run_id, error)
+    runs.log_params(client, run.info.run_id, params)
+    runs.end_failed(client, run.info.run_id, error)
+    log_progress(client, job.sweep_id)

@@ -11,10 +11,12 @@ from dataclasses import dataclass
 
 import pandas as pd
 
-from pipeline import sweep, tracking
-from pipeline.cli import StageError
+from pipeline.errors import StageError
+from pipeline.metric_names import TEST_METRICS
+from pipeline.reports.formatting import training_settings
+from pipeline.sweeps import job as sweep
+from pipeline.tracking import runs as tracked_runs
 
-TEST_METRICS = ("test_acc_best", "test_loss_best", "test_acc_last", "test_loss_last")
 SEED_KEY = "train.seed"
 
 
@@ -34,7 +36,7 @@ class SweepRuns:
 
 
 def _known_sweeps(client, limit: int = 5) -> str:
-    parents = tracking.search_runs(client, f"tags.{sweep.ROLE_TAG} = 'parent'")
+    parents = tracked_runs.search_runs(client, f"tags.{sweep.ROLE_TAG} = 'parent'")
     parents.sort(key=lambda run: run.info.start_time, reverse=True)
     ids = [run.data.tags.get(sweep.SWEEP_TAG, "?") for run in parents[:limit]]
     return f"recent sweeps: {', '.join(ids)}" if ids else "the store has no sweeps"
@@ -74,21 +76,13 @@ def job_table(runs: list) -> pd.DataFrame:
             **{key: metrics.get(key) for key in TEST_METRICS},
             "train_seconds": metrics.get("train_seconds"),
             "job_seconds": metrics.get("job_seconds"),
-            "run_id": run.info.run_id, "error": tags.get(tracking.ERROR_TAG, ""),
+            "run_id": run.info.run_id, "error": tags.get(tracked_runs.ERROR_TAG, ""),
         })
     return pd.DataFrame(rows).sort_values(["sweep", "job"], kind="stable").reset_index(drop=True)
 
 
-def _training(run) -> str:
-    params = run.data.params
-    return (f"{params['train.epochs']} epochs, batch {params['train.batch_size']}, checkpoint "
-            f"every {params['train.checkpoint_every']} epoch, {params['data.train_samples']} "
-            f"training / {params['data.val_samples']} validation samples, "
-            f"{params['train.dtype']}")
-
-
 def _runs_of_one_sweep(client, sweep_id: str) -> list:
-    runs = tracking.search_runs(client, sweep.jobs_filter(sweep_id))
+    runs = tracked_runs.search_runs(client, sweep.jobs_filter(sweep_id))
     if not runs:
         raise StageError(f"sweep={sweep_id}: no runs tagged {sweep.SWEEP_TAG}={sweep_id!r} in "
                          f"tracking store {client.tracking_uri} ({_known_sweeps(client)})")
@@ -114,7 +108,7 @@ def fetch(client, sweep_ids: list[str]) -> SweepRuns:
     runs = [run for identifier in dict.fromkeys(ids) for run in _runs_of_one_sweep(client, identifier)]
     parents = [parent for parent in (sweep.find_parent(client, i) for i in dict.fromkeys(ids))
                if parent is not None]
-    settings = {_training(run) for run in runs if run.info.status == "FINISHED"}
+    settings = {training_settings(run.data.params) for run in runs if run.info.status == "FINISHED"}
     return SweepRuns(sweep_ids=list(dict.fromkeys(ids)), parents=parents, jobs=job_table(runs),
                      experiment=client.get_experiment(runs[0].info.experiment_id).name,
                      training="; ".join(sorted(settings)),

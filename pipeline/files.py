@@ -1,9 +1,7 @@
-"""Atomic file output (write to a temporary name in the same folder, then ``os.replace``)
-and reading the small JSON files the stages pass each other.
-
-A stage that fails midway therefore leaves either the previous complete file or none, never a
-truncated one. Arrays are saved as deterministic .npz files (fixed zip timestamps), so the same
-data gives byte-identical files and DVC does not rerun later stages for a no-op change.
+"""Writing outputs so that a failure never leaves half of one: files are written under a
+temporary name and renamed into place, folders are built in a staging folder and swapped in
+whole (:func:`publish_dir`). Unchanged arrays give byte-identical .npz files, so they keep
+their DVC hash.
 """
 
 from __future__ import annotations
@@ -13,17 +11,12 @@ import json
 import os
 import shutil
 import tempfile
-import zipfile
 from pathlib import Path
 from typing import Any, Iterator, Mapping
 
 import numpy as np
 
-_ZIP_EPOCH = (1980, 1, 1, 0, 0, 0)  # the earliest zip timestamp: makes .npz reproducible
-
-
-class MissingInputError(RuntimeError):
-    """A file an earlier stage should have written is missing or unreadable."""
+from pipeline.errors import MissingInputError
 
 
 def read_json(path: Path, hint: str = "run the earlier stages first (dvc repro)") -> Any:
@@ -62,17 +55,13 @@ def write_json(target: str | os.PathLike, obj: Any) -> None:
 
 
 def save_npz(target: str | os.PathLike, arrays: Mapping[str, np.ndarray]) -> None:
-    """Save arrays as an uncompressed .npz readable by ``np.load``, byte-reproducibly."""
+    """Save arrays as an uncompressed .npz. ``np.savez`` gives every member zipfile's fixed
+    default timestamp, so the same arrays give the same bytes (tests/test_files.py)."""
     with atomic_path(target, suffix=".npz") as tmp:
-        with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_STORED, allowZip64=True) as zf:
-            for name, array in arrays.items():
-                info = zipfile.ZipInfo(f"{name}.npy", date_time=_ZIP_EPOCH)
-                with zf.open(info, "w", force_zip64=True) as fh:
-                    np.lib.format.write_array(fh, np.ascontiguousarray(array),
-                                              allow_pickle=False)
+        np.savez(tmp, **{name: np.ascontiguousarray(a) for name, a in arrays.items()})
 
 
-def replace_dir(staging: Path, target: Path) -> None:
+def _replace_dir(staging: Path, target: Path) -> None:
     """Move a completely written folder ``staging`` onto ``target`` (replacing it).
 
     Two renames: the old folder is moved aside, the new one moved in, the old one deleted.
@@ -88,7 +77,7 @@ def replace_dir(staging: Path, target: Path) -> None:
 
 
 @contextlib.contextmanager
-def staging_dir(target: str | os.PathLike) -> Iterator[Path]:
+def publish_dir(target: str | os.PathLike) -> Iterator[Path]:
     """Yield an empty folder next to ``target``; on success it replaces ``target`` whole,
     on failure it is deleted and ``target`` is left as it was."""
     target = Path(target)
@@ -97,7 +86,7 @@ def staging_dir(target: str | os.PathLike) -> Iterator[Path]:
     try:
         yield staging
         os.chmod(staging, 0o755)  # mkdtemp makes folders private
-        replace_dir(staging, target)
+        _replace_dir(staging, target)
     finally:
         if staging.exists():
             shutil.rmtree(staging, ignore_errors=True)

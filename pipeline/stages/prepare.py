@@ -1,11 +1,9 @@
 """Stage 1: verify the raw IDX files, split them, write data/prepared/.
 
-    python -m pipeline.prepare                  # MNIST, shipped in data/raw/mnist
-    python -m pipeline.prepare data=fashion_mnist
+    python -m pipeline.stages.prepare [data=fashion_mnist]
 
-The only stage that reads raw files. Validation is the FIRST 1/12 of a seeded shuffle of the
-training set (the book: 55,000 train / 5,000 validation); test is the official 10,000.
-Everything is written to a staging folder that replaces data/prepared/ only when complete.
+Validation is the first 1/12 of a seeded shuffle of the training set (the book's 55,000 /
+5,000); test is the official 10,000.
 """
 
 from __future__ import annotations
@@ -16,8 +14,9 @@ from pathlib import Path
 from omegaconf import DictConfig
 
 from birnn.data import load_mnist, sha256_file, shuffle_split, verify_manifest
-from pipeline import io, prepared
-from pipeline.cli import StageError, stage
+from pipeline import files, prepared_data
+from pipeline.entrypoint import stage
+from pipeline.errors import StageError
 from pipeline.paths import project_path
 
 log = logging.getLogger(__name__)
@@ -31,12 +30,11 @@ def raw_checksums(data: DictConfig, raw_dir: Path) -> dict:
         return {"verified_against": str(data.manifest),
                 "sha256": verify_manifest(manifest, root=raw_dir)}
     log.info("no manifest configured for %s: recording the checksums computed", data.name)
-    files = sorted(p for p in raw_dir.iterdir() if p.is_file() and "-ubyte" in p.name)
-    return {"verified_against": None, "sha256": {p.name: sha256_file(p) for p in files}}
+    found = sorted(p for p in raw_dir.iterdir() if p.is_file() and "-ubyte" in p.name)
+    return {"verified_against": None, "sha256": {p.name: sha256_file(p) for p in found}}
 
 
-@stage("prepare")
-def main(cfg: DictConfig) -> None:
+def prepare(cfg: DictConfig) -> None:
     data = cfg.data
     raw_dir = project_path(data.raw_dir)
     if not raw_dir.is_dir():
@@ -51,17 +49,21 @@ def main(cfg: DictConfig) -> None:
         train_images, train_labels, val_fraction=data.val_fraction, seed=data.split_seed)
 
     target = project_path(cfg.paths.prepared_dir)
-    with io.staging_dir(target) as staging:
-        meta = prepared.write(
+    with files.publish_dir(target) as staging:
+        meta = prepared_data.write(
             staging,
             {"train": (train_x, train_y), "val": (val_x, val_y), "test": (test_images, test_labels)},
-            {"dataset": data.name, "source": str(raw_dir), "val_fraction": data.val_fraction,
+            # The raw folder as configured (relative to the project), not resolved: an
+            # absolute checkout path would make the prepared data differ per checkout.
+            {"dataset": data.name, "source": str(data.raw_dir), "val_fraction": data.val_fraction,
              "split_seed": data.split_seed, "raw_files": checksums},
         )
     counts = meta["counts"]
     log.info("wrote %s: %d train / %d validation / %d test samples of %s",
              target, counts["train"], counts["val"], counts["test"], data.name)
 
+
+main = stage("prepare")(prepare)
 
 if __name__ == "__main__":
     main()

@@ -1,11 +1,9 @@
-"""The multi-seed report of a sweep: per-configuration statistics, bi-minus-uni intervals, the
-verdict on the book's claim, and the Markdown page. Pure functions of the job table
-(pipeline.sweep_runs.job_table) and the book's numbers; no I/O.
+"""The multi-seed report's page: the verdict on the book's claim in sentences, and the Markdown
+tables of the summaries, differences and runs. Pure functions of pipeline.sweeps.statistics'
+tables and the book's numbers.
 
-The book's claim (chapter 19.7): the bidirectional net is better with fewer parameters. We test
-"better" as a higher mean test accuracy with the best parameters (the table's accuracy) over
-seeds: it holds at a given confidence if Welch's interval for mean(bi) - mean(uni) lies above
-zero, and "fewer parameters" by the runs' parameter counts.
+The claim (chapter 19.7): bi is better with fewer parameters. "Better" is tested as a higher
+mean test accuracy with the best parameters: Welch's interval of bi - uni above zero.
 """
 
 from __future__ import annotations
@@ -14,72 +12,12 @@ import math
 
 import pandas as pd
 
-from pipeline import stats
-
-METRICS = {  # column -> (what, rule)
-    "test_acc_best": ("accuracy", "best"),
-    "test_loss_best": ("loss", "best"),
-    "test_acc_last": ("accuracy", "last"),
-    "test_loss_last": ("loss", "last"),
-}
-KIND_ORDER = {"uni": 0, "bi": 1}  # the book's order
-
-
-def finished(jobs: pd.DataFrame) -> pd.DataFrame:
-    return jobs[jobs["status"] == "FINISHED"]
-
-
-def _configurations(done: pd.DataFrame) -> list[str]:
-    labels = done[["kind", "configuration"]].drop_duplicates()
-    return sorted(labels["configuration"],
-                  key=lambda label: (KIND_ORDER.get(label.split()[0], 2), label))
-
-
-def summarize(jobs: pd.DataFrame) -> pd.DataFrame:
-    """One row per configuration of the finished jobs: its kind, parameter count, number of
-    seeds, and mean / std / min / max of every test metric (columns <metric>_mean, ...)."""
-    done = finished(jobs)
-    rows = []
-    for label in _configurations(done):
-        group = done[done["configuration"] == label]
-        row = {"configuration": label, "kind": group["kind"].iloc[0],
-               "param_count": int(group["param_count"].iloc[0]), "seeds": len(group),
-               "seed_list": " ".join(str(s) for s in sorted(group["seed"]))}
-        for metric in METRICS:
-            summary = stats.describe(group[metric].tolist())
-            row.update({f"{metric}_{field}": getattr(summary, field)
-                        for field in ("mean", "std", "min", "max")})
-        rows.append(row)
-    return pd.DataFrame(rows)
-
-
-def differences(jobs: pd.DataFrame, confidence: float) -> pd.DataFrame:
-    """Welch's interval of mean(bi) - mean(uni) for every test metric, for every pair of a bi
-    and a uni configuration that both have at least two finished seeds."""
-    done = finished(jobs)
-    labels = _configurations(done)
-    rows = []
-    for bi in (label for label in labels if label.split()[0] == "bi"):
-        for uni in (label for label in labels if label.split()[0] == "uni"):
-            a = done[done["configuration"] == bi]
-            b = done[done["configuration"] == uni]
-            if len(a) < 2 or len(b) < 2:
-                continue
-            row = {"bi": bi, "uni": uni, "bi_seeds": len(a), "uni_seeds": len(b),
-                   "bi_param_count": int(a["param_count"].iloc[0]),
-                   "uni_param_count": int(b["param_count"].iloc[0]), "confidence": confidence}
-            for metric in METRICS:
-                interval = stats.welch_interval(a[metric].tolist(), b[metric].tolist(),
-                                                confidence)
-                row.update({f"{metric}_diff": interval.difference,
-                            f"{metric}_low": interval.low, f"{metric}_high": interval.high,
-                            f"{metric}_dof": interval.dof})
-            rows.append(row)
-    return pd.DataFrame(rows)
-
+from pipeline.metric_names import TEST_METRICS
+from pipeline.reports import formatting
+from pipeline.sweeps.statistics import KIND_ORDER
 
 def _points(fraction: float) -> str:
-    return f"{100 * fraction:+.2f}"
+    return formatting.points(fraction, signed=True)
 
 
 def _sign_of(low: float, high: float) -> str:
@@ -116,16 +54,7 @@ def verdict(pair: pd.Series) -> str:
 
 
 # ----------------------------------------------------------------------------- Markdown
-def _pct(value) -> str:
-    return "–" if value is None or pd.isna(value) else f"{100 * value:.2f}%"
-
-
-def _pt(value) -> str:  # a spread of accuracies, in percentage points
-    return "–" if value is None or pd.isna(value) else f"{100 * value:.2f}"
-
-
-def _loss(value) -> str:
-    return "–" if value is None or pd.isna(value) else f"{value:.4f}"
+_pct, _pt, _loss = formatting.percent, formatting.points, formatting.loss
 
 
 def summary_markdown(summary: pd.DataFrame, book: dict) -> str:
@@ -218,12 +147,7 @@ def page(context: dict, summary: pd.DataFrame, diffs: pd.DataFrame, jobs: pd.Dat
     counts = jobs["status"].value_counts()
     status = ", ".join(f"{n} {s.lower()}" for s, n in counts.items())
     presets = sorted({sw["preset"] for sw in sweeps})
-    warning = ("" if presets == ["book"] else
-               f"\n> **Preset {', '.join(f'`{p}`' for p in presets)}**: not the book's "
-               "configuration; the book's numbers are shown only as a reference point.\n")
-    if context["dataset"] != "mnist":
-        warning += (f"\n> **Dataset `{context['dataset']}`**: the book's numbers are for "
-                    "MNIST.\n")
+    warning = formatting.reference_warnings(presets, context["dataset"])
     level = f"{100 * context['confidence']:g}%"
     verdicts = ("\n".join(f"- {verdict(pair)}" for _, pair in diffs.iterrows()) if len(diffs)
                 else "No pair of a bi and a uni configuration has two or more finished seeds "
@@ -247,7 +171,7 @@ def page(context: dict, summary: pd.DataFrame, diffs: pd.DataFrame, jobs: pd.Dat
         for sw in sweeps)
     report_run = (f"; this report's run `{context['report_run']}`" if context["report_run"]
                   else "")
-    dataset = "MNIST" if context["dataset"] == "mnist" else context["dataset"]
+    dataset = formatting.dataset_title(context["dataset"])
     title = " + ".join(f"`{sw['id']}`" for sw in sweeps)
     return f"""# Sweep{'s' if several else ''} {title}: unidirectional vs bidirectional RNN over seeds ({dataset})
 
@@ -301,14 +225,14 @@ def parent_metrics(summary: pd.DataFrame, diffs: pd.DataFrame) -> dict[str, floa
 
     metrics = {}
     for _, row in summary.iterrows():
-        for metric in METRICS:
+        for metric in TEST_METRICS:
             for field in ("mean", "std", "min", "max"):
                 value = row[f"{metric}_{field}"]
                 if not math.isnan(value):
                     metrics[key(f"{row['configuration']}.{metric}.{field}")] = value
         metrics[key(f"{row['configuration']}.seeds")] = row["seeds"]
     for _, pair in diffs.iterrows():
-        for metric in METRICS:
+        for metric in TEST_METRICS:
             for field in ("diff", "low", "high"):
                 metrics[key(f"{pair['bi']}-{pair['uni']}.{metric}.{field}")] = pair[f"{metric}_{field}"]
     return metrics

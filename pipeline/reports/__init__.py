@@ -1,0 +1,1 @@
+"""The reports: table 19-12 and the figures."""

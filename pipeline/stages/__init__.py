@@ -1,0 +1,1 @@
+"""The stages of the DVC pipeline, one entry module each: python -m pipeline.stages.<stage>."""

@@ -1,0 +1,74 @@
+"""Stage 3: test the best and the last parameters of every trained model.
+
+    python -m pipeline.stages.evaluate [models=[uni,bi]]
+
+Results go into each model's own training run (its id is in models/<name>/run.json) and into
+metrics/test.json (all models, both rules), evaluation/<name>/details.json (per-class accuracy,
+confusion matrices) and metrics/predictions_<name>_<rule>.csv (DVC's confusion plots).
+"""
+
+from __future__ import annotations
+
+import logging
+
+import pandas as pd
+from omegaconf import DictConfig
+
+from pipeline import files, prepared_data, scoring
+from pipeline.entrypoint import stage
+from pipeline.errors import StageError
+from pipeline.paths import project_path
+from pipeline.reports import figures
+from pipeline.tracking import runs, store
+
+log = logging.getLogger(__name__)
+
+
+def evaluate_task(cfg: DictConfig) -> None:
+    client = store.connect(cfg.tracking)
+    data_dir = project_path(cfg.paths.prepared_dir)
+    meta = prepared_data.read_meta(data_dir)
+    images, labels = prepared_data.load(data_dir, "test", meta)
+    models_dir = project_path(cfg.paths.models_dir)
+
+    summary, per_model = {}, {}
+    for name in cfg.models:
+        model_dir = models_dir / name
+        run_info = runs.read_run_info(model_dir)
+        run_id = run_info["run_id"]
+        runs.require_run(client, run_id, str(model_dir / "run.json"))
+        if run_info.get("data_sha256") != prepared_data.fingerprint(meta):
+            raise StageError(f"{model_dir}: trained on {run_info.get('dataset')} data "
+                             f"{run_info.get('data_sha256')}, but {data_dir} holds "
+                             f"{meta['dataset']} data {prepared_data.fingerprint(meta)}: retrain it")
+        models = scoring.load_rules(model_dir)
+        results = scoring.score(name, models, images, labels)
+        per_model[name] = (run_id, results)
+        summary[name] = scoring.summary_entry(models["best"].param_count()["total"], results)
+
+    evaluated_on = f"{meta['dataset']} test ({len(labels)} images)"
+    for name, (run_id, results) in per_model.items():  # tracking first, files last
+        scoring.record(client, run_id, results, evaluated_on)
+        for rule, ev in results.items():
+            client.log_figure(run_id, figures.confusion_matrices(
+                {name: ev.confusion}, f"test set, {rule} parameters"),
+                f"evaluation/confusion_{rule}.png")
+
+    metrics_dir = project_path(cfg.paths.metrics_dir)
+    with files.publish_dir(project_path(cfg.paths.evaluation_dir)) as staging:
+        for name, (_, results) in per_model.items():
+            (staging / name).mkdir()
+            files.write_json(staging / name / "details.json", scoring.details(results))
+    for name, (_, results) in per_model.items():
+        for rule, ev in results.items():
+            files.write_text(metrics_dir / f"predictions_{name}_{rule}.csv",
+                             pd.DataFrame({"actual": labels, "predicted": ev.predictions})
+                             .to_csv(index=False))
+    files.write_json(metrics_dir / "test.json", summary)
+    log.info("wrote %s/test.json and %s/", metrics_dir, cfg.paths.evaluation_dir)
+
+
+main = stage("evaluate")(evaluate_task)
+
+if __name__ == "__main__":
+    main()

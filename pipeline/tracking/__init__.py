@@ -1,0 +1,1 @@
+"""MLflow tracking: the store (store), runs (runs), metrics (metrics)."""

@@ -1,0 +1,157 @@
+"""Runs: creating one and ending it however the stage ends, its source tags and params, the
+link from a model folder to its run, grouping runs under a parent, and searching."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any, Iterator, Mapping
+
+from omegaconf import DictConfig, OmegaConf
+
+from pipeline.errors import StageError
+from pipeline.files import read_json
+from pipeline.paths import PROJECT_ROOT
+from pipeline.tracking.store import experiment_id
+
+log = logging.getLogger(__name__)
+
+PARENT_TAG = "mlflow.parentRunId"  # the UI nests a run under the run named here
+COMPARED_TAG = "compared_run_ids"
+ERROR_TAG = "error"
+CODE_AND_CONFIG = ("birnn", "pipeline", "conf", "dvc.yaml", "params.yaml")
+
+
+def source_tags(script: str | os.PathLike | None = None) -> dict[str, str]:
+    """What the UI shows as the run's source: the stage module, the code's git commit and
+    whether code or configuration differ from it (``git_dirty``; files the pipeline itself
+    rewrites, such as dvc.lock and metrics/, do not count). The client API, unlike
+    mlflow.start_run, sets none of these by itself.
+
+    ``script`` is the stage's file; by default the script that was started, which is right
+    for a single run but not for a sweep job that a launcher runs in a worker process (whose
+    sys.argv[0] is the launcher's own entry point)."""
+    script = Path(script if script is not None else sys.argv[0]).resolve()
+    source = script.relative_to(PROJECT_ROOT) if script.is_relative_to(PROJECT_ROOT) else script
+    tags = {"mlflow.source.type": "LOCAL", "mlflow.source.name": str(source)}
+
+    def git(*args: str) -> str:
+        return subprocess.run(["git", *args], cwd=PROJECT_ROOT, capture_output=True,
+                              text=True, timeout=10, check=True).stdout.strip()
+
+    try:
+        tags["mlflow.source.git.commit"] = git("rev-parse", "HEAD")
+        changed = git("status", "--porcelain", "--", *CODE_AND_CONFIG)
+        tags["git_dirty"] = str(bool(changed)).lower()
+    except (OSError, subprocess.SubprocessError):
+        pass  # not a git checkout (an exported tarball, say): no commit to record
+    return tags
+
+
+def flatten(config: Mapping[str, Any] | DictConfig, prefix: str = "") -> dict[str, str]:
+    """{'model': {'lr': 0.01}} -> {'model.lr': '0.01'}: the resolved config as MLflow params."""
+    if isinstance(config, DictConfig):
+        config = OmegaConf.to_container(config, resolve=True)
+    flat: dict[str, str] = {}
+    for key, value in config.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping) and value:
+            flat.update(flatten(value, prefix=f"{name}."))
+        elif isinstance(value, (list, tuple)):
+            flat[name] = json.dumps(value)
+        else:
+            flat[name] = "{}" if isinstance(value, Mapping) else str(value)
+    return flat
+
+
+def log_params(client, run_id: str, params: Mapping[str, Any]) -> None:
+    from mlflow.entities import Param
+
+    client.log_batch(run_id, params=[Param(key, str(value)) for key, value in params.items()])
+
+
+@contextlib.contextmanager
+def new_run(client, experiment: str, run_name: str, tags: Mapping[str, str],
+        script: str | os.PathLike | None = None) -> Iterator[str]:
+    """Create a run in experiment ``experiment`` (a name; created if needed) and yield its id;
+    end it FINISHED, or FAILED with the error as a tag. KeyboardInterrupt ends it KILLED.
+    The error is re-raised for the stage to report. ``script``: see :func:`source_tags`.
+    """
+    created = client.create_run(experiment_id(client, experiment), run_name=run_name,
+                                tags={**source_tags(script), **tags})
+    run_id = created.info.run_id
+    log.info("MLflow run %s (%s) in experiment %r", run_id, run_name, experiment)
+    try:
+        yield run_id
+    except KeyboardInterrupt:
+        end_killed(client, run_id)
+        raise
+    except BaseException as exc:
+        end_failed(client, run_id, " ".join(str(exc).split()) or type(exc).__name__)
+        raise
+    client.set_terminated(run_id, "FINISHED")
+
+
+def end_failed(client, run_id: str, error: str) -> None:
+    """Mark a run FAILED with ``error`` in its ``error`` tag."""
+    _end(client, run_id, "FAILED", error)
+
+
+def end_killed(client, run_id: str) -> None:
+    """Mark a run KILLED (Ctrl-C), as :func:`new_run` does for its own runs."""
+    _end(client, run_id, "KILLED", "interrupted")
+
+
+def _end(client, run_id: str, status: str, error: str) -> None:
+    try:
+        client.set_tag(run_id, ERROR_TAG, error[:5000])
+        client.set_terminated(run_id, status)
+    except Exception as exc:  # the store may be what failed; the original error matters more
+        log.warning("could not mark run %s %s: %s", run_id, status, exc)
+
+
+def read_run_info(model_dir: Path) -> dict:
+    """models/<name>/run.json, written by the train stage: which run holds this model."""
+    return read_json(model_dir / "run.json",
+                     hint=f"train this model first (python -m pipeline.stages.train model={model_dir.name})")
+
+
+def require_run(client, run_id: str, where: str):
+    """The run ``run_id`` (named in file ``where``) from the store, or a one-line StageError."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return client.get_run(run_id)
+    except MlflowException:
+        raise StageError(f"{where}: run {run_id} is not in tracking store "
+                         f"{client.tracking_uri} (was it trained with another tracking.uri?)") \
+            from None
+
+
+def adopt_children(client, parent_run_id: str, child_run_ids: list[str]) -> None:
+    """Nest runs under ``parent_run_id`` in the UI (see the module docstring)."""
+    for child in child_run_ids:
+        client.set_tag(child, PARENT_TAG, parent_run_id)
+    client.set_tag(parent_run_id, COMPARED_TAG, ",".join(child_run_ids))
+
+
+def search_runs(client, filter_string: str, experiment_ids: list[str] | None = None) -> list:
+    """Every run matching ``filter_string`` in the given experiments (default: all active
+    ones), following MLflow's pages (one page holds at most 1,000 runs)."""
+    if experiment_ids is None:
+        experiment_ids = [e.experiment_id for e in client.search_experiments()]
+    if not experiment_ids:
+        return []
+    runs, token = [], None
+    while True:
+        page = client.search_runs(experiment_ids, filter_string=filter_string,
+                                  max_results=1000, page_token=token)
+        runs.extend(page)
+        token = page.token
+        if not token:
+            return runs

@@ -1,0 +1,175 @@
+"""The MLflow tracking store: which one (URI), checking it answers before any work starts, and a
+client that rides out SQLite's "database is locked" (docs/architecture.md, "Tracking").
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import functools
+import logging
+import os
+import random
+import time
+from pathlib import Path
+from typing import Iterator
+
+from omegaconf import DictConfig
+
+from pipeline.errors import StageError
+from pipeline.paths import tracking_root
+
+log = logging.getLogger(__name__)
+
+
+def default_uri() -> str:
+    return f"sqlite:///{tracking_root() / 'mlflow.db'}"
+
+
+def tracking_uri(tracking: DictConfig) -> str:
+    if tracking.uri:
+        return str(tracking.uri)
+    if os.environ.get("MLFLOW_TRACKING_URI"):
+        return os.environ["MLFLOW_TRACKING_URI"]
+    return default_uri()
+
+
+def _artifact_location(client) -> str | None:
+    """Artifacts of the default store go to <root>/mlartifacts/. (MLflow's default is ./mlruns
+    under whatever directory the experiment happened to be created from.) A server decides
+    its own artifact location."""
+    if client.tracking_uri == default_uri():
+        return (tracking_root() / "mlartifacts").as_uri()
+    return None
+
+
+@contextlib.contextmanager
+def _env(**values: str) -> Iterator[None]:
+    saved = {key: os.environ.get(key) for key in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+def is_lock_error(exc: BaseException) -> bool:
+    """SQLite's "database is locked" (or "database table is locked"), however it was wrapped:
+    MLflow's store raises it inside an MlflowException; a server on SQLite sends its text."""
+    text = str(exc).lower()
+    return "database is locked" in text or "database table is locked" in text
+
+
+class _DropLockTracebacks(logging.Filter):
+    """MLflow logs a full traceback for every OperationalError before raising it; for a lock
+    that we are about to retry, that is noise (the retry itself is logged in one line)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not is_lock_error(Exception(record.getMessage()))
+
+
+class LockRetryingClient:
+    """An ``MlflowClient`` whose every call is retried when the store says "database is
+    locked": at most ``attempts`` tries, waiting ``first_wait`` seconds, doubling up to
+    ``max_wait``, each wait jittered by +-50% so that two waiting processes do not collide
+    again in step. Any other error, or the last lock error, is raised as it is.
+    Attributes that are not methods (``tracking_uri``) are passed through.
+    """
+
+    def __init__(self, client, attempts: int = 8, first_wait: float = 0.2,
+                 max_wait: float = 5.0, sleep=time.sleep):
+        self._client = client
+        self._attempts, self._first_wait, self._max_wait = attempts, first_wait, max_wait
+        self._sleep = sleep
+
+    def __getattr__(self, name: str):
+        value = getattr(self._client, name)
+        if not callable(value):
+            return value
+
+        @functools.wraps(value)
+        def call(*args, **kwargs):
+            for attempt in range(1, self._attempts + 1):
+                try:
+                    return value(*args, **kwargs)
+                except Exception as exc:
+                    if attempt == self._attempts or not is_lock_error(exc):
+                        raise
+                    wait = min(self._max_wait, self._first_wait * 2 ** (attempt - 1))
+                    wait *= 0.5 + random.random()
+                    log.warning("MLflow store busy (database is locked) in %s; retry %d/%d "
+                                "in %.1f s", name, attempt, self._attempts - 1, wait)
+                    self._sleep(wait)
+
+        return call
+
+
+@contextlib.contextmanager
+def _first_contact_lock(uri: str) -> Iterator[None]:
+    """Serialise the first contact with a SQLite store across processes.
+
+    Opening a fresh SQLite file runs MLflow's schema migrations; two processes doing it at
+    once make one fail ('duplicate column name: step'), e.g. `dvc queue start -j 2` or
+    parallel stages on a clone with no mlflow.db yet. An OS lock file beside the database
+    makes the second process wait the second or two the first one's migration takes.
+    """
+    if not uri.startswith("sqlite:///"):
+        yield
+        return
+    database = Path(uri[len("sqlite:///"):])
+    database.parent.mkdir(parents=True, exist_ok=True)
+    with open(database.with_name(database.name + ".lock"), "a") as lock_file:
+        fcntl.flock(lock_file, fcntl.LOCK_EX)   # released when the file closes
+        yield
+
+
+def connect(tracking: DictConfig):
+    """Return an ``MlflowClient`` for the configured store after checking it answers,
+    wrapped to retry on SQLite lock errors (:class:`LockRetryingClient`).
+
+    Raises StageError (one line, naming the URI) if it does not answer within about
+    ``tracking.probe_timeout_seconds``.
+    """
+    from mlflow.tracking import MlflowClient
+
+    # A fresh SQLite store announces its schema migration at INFO level on stderr; keep
+    # stderr for errors.
+    for name in ("mlflow.store.db.utils", "alembic"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    db_log = logging.getLogger("mlflow.store.db.utils")
+    if not any(isinstance(f, _DropLockTracebacks) for f in db_log.filters):
+        db_log.addFilter(_DropLockTracebacks())
+    uri = tracking_uri(tracking)
+    timeout = int(tracking.probe_timeout_seconds)
+    started = time.monotonic()
+    try:
+        with _env(MLFLOW_HTTP_REQUEST_MAX_RETRIES="0", MLFLOW_HTTP_REQUEST_TIMEOUT=str(timeout)), \
+                _first_contact_lock(uri):
+            client = MlflowClient(tracking_uri=uri)
+            client.search_experiments(max_results=1)
+    except Exception as exc:  # any failure here means: cannot use this store
+        reason = " ".join(str(exc).split())[:300] or type(exc).__name__
+        raise StageError(f"tracking store {uri} is not usable "
+                         f"(after {time.monotonic() - started:.1f} s): {reason}") from None
+    log.info("tracking store: %s", uri)
+    return LockRetryingClient(client)
+
+
+def experiment_id(client, name: str) -> str:
+    """The id of experiment ``name``, created if needed (tolerating a concurrent creator)."""
+    from mlflow.exceptions import MlflowException
+
+    experiment = client.get_experiment_by_name(name)
+    if experiment is not None:
+        return experiment.experiment_id
+    try:
+        return client.create_experiment(name, artifact_location=_artifact_location(client))
+    except MlflowException:
+        experiment = client.get_experiment_by_name(name)  # another stage created it meanwhile
+        if experiment is None:
+            raise
+        return experiment.experiment_id

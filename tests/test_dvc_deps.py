@@ -1,0 +1,80 @@
+"""dvc.yaml's code deps are exactly each stage's import closure, so that editing a module
+reruns the stages that run it and no other."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+from import_closure import closure
+from pipeline_testkit import ROOT, copy_project, dvc
+
+STAGES = {  # dvc stage -> (entry module, its Hydra config)
+    "prepare": ("pipeline.stages.prepare", "prepare"),
+    "train_uni": ("pipeline.stages.train", "train"),
+    "train_bi": ("pipeline.stages.train", "train"),
+    "evaluate": ("pipeline.stages.evaluate", "evaluate"),
+    "compare": ("pipeline.stages.compare", "compare"),
+}
+CODE = ("pipeline", "birnn")
+
+
+def code_deps(listed: list[str], root: Path) -> set[str]:
+    """The .py files that dvc.yaml's deps cover (a folder dep covers every file in it)."""
+    covered = set()
+    for dep in listed:
+        if dep.split("/")[0] not in CODE:
+            continue
+        path = root / dep
+        files = sorted(path.rglob("*.py")) if path.is_dir() else [path]
+        covered.update(f.relative_to(root).as_posix() for f in files)
+    return covered
+
+
+@pytest.mark.parametrize("name", STAGES)
+def test_stage_code_deps_are_its_import_closure(name):
+    stages = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
+    module, config = STAGES[name]
+    needed = closure(ROOT, module, ROOT / "conf" / f"{config}.yaml")
+    listed = code_deps(stages[name]["deps"], ROOT)
+    assert not listed - needed, f"{name} lists modules it does not import: {sorted(listed - needed)}"
+    assert not needed - listed, f"{name} misses modules it imports: {sorted(needed - listed)}"
+
+
+def test_every_stage_is_checked():
+    stages = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
+    assert set(stages) == set(STAGES)
+
+
+def test_the_closure_follows_imports_and_hydra_targets():
+    train = closure(ROOT, "pipeline.stages.train", ROOT / "conf" / "train.yaml")
+    assert "pipeline/sweeps/callback.py" in train  # only named in conf/train.yaml
+    assert "pipeline/tracking/__init__.py" in train  # a package runs its __init__
+    assert "pipeline/reports/figures.py" not in train
+    assert "pipeline/sweeps/report.py" not in train
+
+
+def changed_deps(project: Path) -> dict[str, set[str]]:
+    """Stage -> the deps `dvc status` reports as changed against dvc.lock."""
+    status = json.loads(dvc(project, "status", "--json"))
+    return {stage: {dep for entry in entries if isinstance(entry, dict)
+                    for dep in entry.get("changed deps", {})}
+            for stage, entries in status.items()}
+
+
+@pytest.mark.parametrize("edited, rerun", [
+    ("pipeline/reports/figures.py", {"evaluate", "compare"}),
+    ("pipeline/sweeps/page.py", set()),
+    ("pipeline/sweeps/statistics.py", set()),
+])
+def test_editing_report_or_sweep_code_reruns_only_its_stages(tmp_path, edited, rerun):
+    project = copy_project(tmp_path / "project")
+    before = changed_deps(project)  # a fresh copy has no data/prepared or models yet
+    with open(project / edited, "a", encoding="utf-8") as handle:
+        handle.write("\n# edited\n")
+    after = changed_deps(project)
+    newly = {stage for stage in STAGES
+             if edited in after.get(stage, set()) - before.get(stage, set())}
+    assert newly == rerun

@@ -1,0 +1,41 @@
+"""Outputs are written whole or not at all, and unchanged arrays give unchanged bytes."""
+
+from __future__ import annotations
+
+import hashlib
+import time
+
+import numpy as np
+import pytest
+
+from pipeline import files
+
+
+def test_save_npz_gives_the_same_bytes_for_the_same_arrays(tmp_path):
+    arrays = {"images": np.arange(28 * 28, dtype=np.uint8).reshape(1, 28, 28),
+              "labels": np.array([7], dtype=np.int64)}
+    files.save_npz(tmp_path / "a.npz", arrays)
+    time.sleep(2.1)  # zip timestamps have a two-second resolution
+    files.save_npz(tmp_path / "b.npz", arrays)
+    digest = [hashlib.sha256((tmp_path / n).read_bytes()).hexdigest() for n in ("a.npz", "b.npz")]
+    assert digest[0] == digest[1]
+    with np.load(tmp_path / "a.npz") as loaded:
+        assert set(loaded) == set(arrays) and (loaded["images"] == arrays["images"]).all()
+
+
+def test_publish_dir_replaces_the_folder_whole_or_not_at_all(tmp_path):
+    target = tmp_path / "out"
+    with files.publish_dir(target) as staging:
+        (staging / "a.txt").write_text("first")
+    assert (target / "a.txt").read_text() == "first"
+    with pytest.raises(RuntimeError):
+        with files.publish_dir(target) as staging:
+            (staging / "a.txt").write_text("second")
+            raise RuntimeError("stage failed")
+    assert (target / "a.txt").read_text() == "first"
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]  # no staging folder left
+
+
+def test_write_text_leaves_no_temporary_file(tmp_path):
+    files.write_json(tmp_path / "m.json", {"a": 1})
+    assert [p.name for p in tmp_path.iterdir()] == ["m.json"]
