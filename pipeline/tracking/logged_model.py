@@ -1,0 +1,315 @@
+"""The MLflow Model of a trained birnn classifier: log it, attach test metrics, register, alias.
+
+Input contract (one, for ``mlflow.pyfunc.load_model(uri).predict`` and ``mlflow models serve``):
+
+    A pandas DataFrame with the 784 integer columns ``pixel0`` .. ``pixel783`` (Kaggle's MNIST
+    CSV names), one image per row, the 28 x 28 pixels in row-major order (``pixel{28 r + c}``
+    is row r, column c; ``images.reshape(N, 784)`` of an (N, 28, 28) array), holding the RAW
+    pixel values 0..255 as the MNIST files hold them (not scaled to [0, 1]: the model scales).
+    :func:`images_frame` builds it from (N, 28, 28) or (N, 784) arrays. Called on the Python
+    object directly (:class:`DigitClassifier`), a 2-D integer ndarray (N, 784) is taken too.
+
+    Anything else is refused (:class:`PixelInputError`, a ValueError; HTTP 400 from the
+    server) rather than misread. The signature (784 ``long`` columns) makes MLflow refuse
+    missing columns and, in process, float columns (it will not cast float64 to int64); the
+    model refuses values outside 0..255, non-integer arrays, and images whose brightest pixel
+    is 1. That last rule is for pixels already scaled to [0, 1] sent to the SERVER: MLflow's
+    scoring server casts JSON numbers to the signature's int64 before the model sees them
+    (0.37 -> 0, 1.0 -> 1), so such images arrive as 0s and 1s, and an MNIST image with no
+    pixel brighter than 1 out of 255 is no real input. (Fractional values on the 0..255
+    scale, e.g. 12.7, are truncated by that cast, not refused: send integers.)
+
+Output: the predicted digit of every row, an int64 ndarray (N,); the server answers
+``{"predictions": [7, 2, ...]}``. The model scales with :func:`birnn.data.scale_pixels` in the
+model's dtype and takes ``predict_logits(...).argmax(axis=1)`` with BLAS on one thread,
+which is what the evaluate stage does (``birnn.training.evaluate``): the same images in the
+same batch give bit-identical logits and so the same digits. (BLAS may round the last bit of
+a logit differently for another batch size, ~1e-15 in float64; that can only flip a digit
+whose two best logits tie to that precision.) No class probabilities: one output, one
+signature.
+
+Server request, 20 images as JSON::
+
+    {"dataframe_split": {"columns": ["pixel0", ..., "pixel783"], "data": [[0, 0, ...], ...]}}
+
+How the model is stored: "models from code". ``python_model`` is THIS file: MLflow copies
+it into the model and, at load time, runs the copy (which ends with ``set_model``), so
+nothing is pickled, and loading or serving never imports ``pipeline.tracking.logged_model``:
+the model keeps working whatever the pipeline package becomes. The ``birnn`` package is
+shipped inside the model too (``code_paths``; put first on ``sys.path`` by MLflow when it
+loads the model in a fresh process such as the server), so a registered version keeps
+predicting with the code it was trained with, and needs from the environment only the
+pinned ``numpy``, ``pandas``, ``threadpoolctl`` and ``mlflow`` (explicit ``pip_requirements``:
+MLflow's requirement inference, which runs the model in a subprocess, is skipped). The
+parameters are the ``.npz`` written by ``RNNClassifier.save``, an artifact of the model
+(``artifacts/`` in the model's folder), read with ``birnn.models.load_model``.
+
+Runs. The pipeline talks to MLflow through an ``MlflowClient`` and explicit run ids, with no
+active fluent run, so :func:`log_model` takes the client and a run id and never starts,
+resumes or ends a run: the run's status is left as it is (RUNNING or FINISHED). It creates
+the LoggedModel itself in the RUN's experiment (``mlflow.models.Model.log`` on its own would
+put a model logged without an active run into the Default experiment "0") and hands its id to
+``Model.log``. ``Model.log`` reads MLflow's global tracking URI, so that is set to the
+client's for the duration of the call and restored afterwards, environment variable
+included: not thread-safe, like everything global in MLflow.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import time
+from collections.abc import Iterator, Mapping
+from importlib.metadata import version as _version
+from pathlib import Path
+from typing import Any
+
+import mlflow
+import mlflow.pyfunc
+import numpy as np
+import pandas as pd
+from mlflow.exceptions import MlflowException
+from mlflow.models.signature import ModelSignature
+from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
+from mlflow.types.schema import ColSpec, Schema, TensorSpec
+from threadpoolctl import threadpool_limits
+
+import birnn
+from birnn.data import scale_pixels
+from birnn.models import load_model
+
+IMAGE_SHAPE = (28, 28)
+NUM_PIXELS = IMAGE_SHAPE[0] * IMAGE_SHAPE[1]
+PIXEL_COLUMNS = [f"pixel{i}" for i in range(NUM_PIXELS)]
+WEIGHTS_ARTIFACT = "weights"       # the .npz, as context.artifacts[WEIGHTS_ARTIFACT]
+BOOK_ALIAS = "book"
+REQUIREMENTS = ("mlflow", "numpy", "pandas", "threadpoolctl")   # birnn itself is shipped
+
+
+# ---------------------------------------------------------------------------- the model
+def images_frame(images: Any) -> pd.DataFrame:
+    """The model's input for ``images``: (N, 28, 28) or (N, 784) raw pixel values 0..255
+    -> DataFrame with int64 columns ``pixel0`` .. ``pixel783``, one image per row."""
+    return pd.DataFrame(_pixel_matrix(images, allow_3d=True).astype(np.int64),
+                        columns=PIXEL_COLUMNS)
+
+
+class PixelInputError(MlflowException, ValueError):
+    """Input that breaks the contract. A ValueError for Python callers; an MlflowException
+    with INVALID_PARAMETER_VALUE, so that the server answers 400 (any other exception in
+    ``predict`` is a 500)."""
+
+    def __init__(self, message: str):
+        super().__init__(message, error_code=INVALID_PARAMETER_VALUE)
+
+
+def _pixel_matrix(model_input: Any, allow_3d: bool = False) -> np.ndarray:
+    """Check the input contract; return the pixels as a uint8 (N, 784) matrix."""
+    if isinstance(model_input, pd.DataFrame):
+        missing = [c for c in PIXEL_COLUMNS if c not in model_input.columns]
+        if missing:
+            raise PixelInputError(f"input DataFrame lacks {len(missing)} of the 784 pixel "
+                                  f"columns pixel0..pixel783 (first missing: {missing[0]})")
+        values = model_input[PIXEL_COLUMNS].to_numpy()
+    else:
+        values = np.asarray(model_input)
+        if allow_3d and values.ndim == 3 and values.shape[1:] == IMAGE_SHAPE:
+            values = values.reshape(len(values), NUM_PIXELS)
+    if values.ndim != 2 or values.shape[1] != NUM_PIXELS:
+        raise PixelInputError(f"expected {NUM_PIXELS} pixel values per row (28 x 28 images, "
+                              f"row-major), got input of shape {values.shape}")
+    if not np.issubdtype(values.dtype, np.integer):
+        raise PixelInputError(f"pixel values must be integers 0..255 (raw MNIST bytes, not "
+                              f"scaled), got dtype {values.dtype}")
+    if values.size == 0:
+        return values.astype(np.uint8)
+    if values.min() < 0 or values.max() > 255:
+        bad = int(np.count_nonzero((values < 0) | (values > 255)))
+        raise PixelInputError(f"pixel values must lie in 0..255, got {bad} outside "
+                              f"(min {values.min()}, max {values.max()})")
+    dim = np.flatnonzero(values.max(axis=1) == 1)
+    if dim.size:
+        raise PixelInputError(f"{dim.size} image(s) (first: row {dim[0]}) have no pixel above 1 "
+                              f"of 255: pixels scaled to [0, 1]? Send the raw values 0..255")
+    return values.astype(np.uint8)
+
+
+def predict_digits(classifier: birnn.RNNClassifier, model_input: Any) -> np.ndarray:
+    """Predicted digits (int64, (N,)) of ``classifier`` for input following the contract,
+    computed as ``birnn.training.evaluate`` computes its predictions."""
+    images = _pixel_matrix(model_input).reshape(-1, *IMAGE_SHAPE)
+    with threadpool_limits(limits=1, user_api="blas"):
+        logits = classifier.predict_logits(scale_pixels(images, classifier.dtype))
+    return logits.argmax(axis=1).astype(np.int64)
+
+
+class DigitClassifier(mlflow.pyfunc.PythonModel):
+    """The pyfunc face of a birnn ``RNNClassifier`` (uni or bi) trained on 28 x 28 images."""
+
+    def load_context(self, context) -> None:
+        self.classifier = load_model(context.artifacts[WEIGHTS_ARTIFACT])
+        if self.classifier.config["input_size"] != IMAGE_SHAPE[1]:
+            raise ValueError(f"the model reads rows of {self.classifier.config['input_size']} "
+                             f"pixels; this MLflow model is for 28 x 28 images")
+
+    # The pd.DataFrame hint is what MLflow 3 wants to see in order not to warn, on every
+    # load, "Add type hints to the `predict` method"; it infers no signature from it.
+    def predict(self, context, model_input: pd.DataFrame, params: dict | None = None
+                ) -> np.ndarray:
+        """model_input: DataFrame (or, called directly, a 2-D integer ndarray) of raw pixels,
+        see the module docstring -> int64 ndarray (N,) of predicted digits."""
+        return predict_digits(self.classifier, model_input)
+
+
+def model_signature() -> ModelSignature:
+    """784 ``long`` columns pixel0..pixel783 in, an int64 tensor (N,) out: what
+    ``mlflow.models.infer_signature(images_frame(x), digits)`` infers (the tests check it)."""
+    return ModelSignature(inputs=Schema([ColSpec("long", c) for c in PIXEL_COLUMNS]),
+                          outputs=Schema([TensorSpec(np.dtype(np.int64), (-1,))]))
+
+
+def pip_requirements() -> list[str]:
+    """The installed versions of what the model imports, pinned (birnn is shipped inside)."""
+    return [f"{package}=={_version(package)}" for package in REQUIREMENTS]
+
+
+# ------------------------------------------------------------------------- tracking
+@contextlib.contextmanager
+def _global_tracking_uri(uri: str) -> Iterator[None]:
+    """MLflow's global tracking URI set to ``uri`` for the block and restored exactly after.
+
+    ``mlflow.set_tracking_uri`` also writes $MLFLOW_TRACKING_URI, and MLflow's own
+    ``_use_tracking_uri`` would delete that variable on the way out if it had not been set
+    through MLflow, so the variable is saved and restored here. Not thread-safe."""
+    from mlflow.tracking._tracking_service import utils as tracking_utils
+
+    saved_setting = tracking_utils._tracking_uri
+    saved_env = os.environ.get("MLFLOW_TRACKING_URI")
+    if mlflow.get_tracking_uri() == uri:
+        yield
+        return
+    mlflow.set_tracking_uri(uri)
+    try:
+        yield
+    finally:
+        mlflow.set_tracking_uri(saved_setting)
+        if saved_env is None:
+            os.environ.pop("MLFLOW_TRACKING_URI", None)
+        else:
+            os.environ["MLFLOW_TRACKING_URI"] = saved_env
+
+
+def log_model(client, run_id: str, model_file: str | Path, *, name: str = "model",
+              input_example: Any = None, registered_model_name: str | None = None,
+              params: Mapping[str, Any] | None = None, tags: Mapping[str, Any] | None = None,
+              step: int = 0, await_registration_for: int = 60):
+    """Log the parameters in ``model_file`` (an .npz of ``RNNClassifier.save``) as an MLflow
+    Model of run ``run_id``, optionally registered as a new version of
+    ``registered_model_name``; return MLflow's ``ModelInfo`` (``model_id``, ``model_uri``
+    ``models:/<model_id>``, ``registered_model_version``).
+
+    client: an ``MlflowClient`` (or the pipeline's wrapper of one): its ``tracking_uri`` is
+        the store written to. The run is neither resumed nor ended; its status is unchanged.
+    name: the LoggedModel's name, and the path of ``runs:/<run_id>/<name>``; give every
+        model of one run its own name (say "best" and "last").
+    input_example: a few images, (N, 28, 28) or (N, 784) raw pixels 0..255 or an
+        :func:`images_frame`; stored with the model (the UI shows it; MLflow runs the
+        model on it once while logging, and writes serving_input_example.json). The
+        signature is logged either way (:func:`model_signature`).
+    params: LoggedModel params, on top of the run's params, which are copied (as
+        ``mlflow.pyfunc.log_model`` does) so the Models tab can show them.
+    tags: LoggedModel tags, on top of ``birnn.kind`` and ``birnn.param_count``.
+    step: the run step the model is recorded at. As with ``mlflow.pyfunc.log_model``, the
+        run's metrics logged at this step are attached to the model too.
+    await_registration_for: seconds to wait for the new version to be READY (immediate with
+        a database store).
+    """
+    from mlflow.models import Model
+
+    model_file = Path(model_file)
+    classifier = load_model(model_file)                 # fails early on a bad file
+    run = client.get_run(run_id)
+    example = None if input_example is None else images_frame(input_example)
+    model_tags = {"birnn.kind": classifier.config["kind"],
+                  "birnn.param_count": str(classifier.param_count()["total"]),
+                  **{k: str(v) for k, v in (tags or {}).items()}}
+    logged = client.create_logged_model(
+        experiment_id=run.info.experiment_id, name=name, source_run_id=run_id,
+        params={**run.data.params, **{k: str(v) for k, v in (params or {}).items()}},
+        tags=model_tags, model_type="birnn")
+    try:
+        with _global_tracking_uri(client.tracking_uri):
+            info = Model.log(
+                artifact_path=None, name=name, flavor=mlflow.pyfunc, run_id=run_id,
+                model_id=logged.model_id, step=step,
+                python_model=Path(__file__).resolve(),
+                artifacts={WEIGHTS_ARTIFACT: str(model_file.resolve())},
+                code_paths=[str(Path(birnn.__file__).resolve().parent)],
+                signature=model_signature(), input_example=example,
+                pip_requirements=pip_requirements(),
+                metadata={"birnn_config": dict(classifier.config),
+                          "param_count": classifier.param_count()["total"],
+                          "input": "DataFrame, int columns pixel0..pixel783: raw pixels 0..255 "
+                                   "of 28x28 images, row-major, one image per row",
+                          "output": "int64 predicted digit per row"})
+    except BaseException:
+        # Model.log marks the model FAILED itself once it got going; not before.
+        with contextlib.suppress(Exception):
+            if str(client.get_logged_model(logged.model_id).status) == "PENDING":
+                client.finalize_logged_model(logged.model_id, "FAILED")
+        raise
+    if registered_model_name is not None:
+        version = register_model(client, info.model_id, registered_model_name,
+                                 await_registration_for=await_registration_for)
+        info.registered_model_version = int(version.version)
+    return info
+
+
+def log_model_metrics(client, model_id: str, metrics: Mapping[str, float], *, step: int = 0,
+                      run_id: str | None = None, dataset_name: str | None = None,
+                      dataset_digest: str | None = None, timestamp_ms: int | None = None
+                      ) -> None:
+    """Attach ``metrics`` (say the test loss and accuracy) to logged model ``model_id``, so
+    MLflow 3's Models tab (and ``client.get_logged_model(id).metrics``) shows them.
+
+    MLflow keeps a model's metric as a run metric that names the model, so the values are
+    written, in one request, to ``run_id`` (default: the model's source run) as well. Use this
+    INSTEAD of logging the same values to that run separately: a second write at the same
+    step with another timestamp adds a second point to the run's history (with the same
+    ``timestamp_ms``, step and value MLflow drops the run-side duplicate).
+    dataset_name, dataset_digest: the data the metrics were measured on (both or neither),
+    shown next to the metrics in the UI, e.g. "mnist-test" and the prepared data's sha256.
+    """
+    from mlflow.entities import Metric
+
+    if run_id is None:
+        run_id = client.get_logged_model(model_id).source_run_id
+        if run_id is None:
+            raise ValueError(f"logged model {model_id} has no source run: pass run_id")
+    timestamp_ms = int(time.time() * 1000) if timestamp_ms is None else timestamp_ms
+    client.log_batch(run_id, metrics=[
+        Metric(key, float(value), timestamp_ms, step, model_id=model_id,
+               dataset_name=dataset_name, dataset_digest=dataset_digest)
+        for key, value in metrics.items()])
+
+
+def register_model(client, model_id: str, name: str, await_registration_for: int = 60):
+    """Register logged model ``model_id`` as a new version of registered model ``name``
+    (created if needed); return the ``ModelVersion``. (What ``log_model`` does when given
+    ``registered_model_name``, for a model chosen after logging, e.g. once tested.)"""
+    with _global_tracking_uri(client.tracking_uri):
+        return mlflow.register_model(f"models:/{model_id}", name,
+                                     await_registration_for=await_registration_for)
+
+
+def set_alias(client, name: str, version: int | str, alias: str = BOOK_ALIAS) -> str:
+    """Point ``alias`` of registered model ``name`` at ``version`` (moving it from any other
+    version); return the model URI ``models:/<name>@<alias>`` to load or serve."""
+    client.set_registered_model_alias(name, alias, str(version))
+    return f"models:/{name}@{alias}"
+
+
+# Models from code: when MLflow runs this file as the model's code (at logging, loading and
+# serving time), this is the object it takes as the model. Importing the module only sets
+# that (unloaded) instance as MLflow's "model set from code", which nothing else reads.
+mlflow.models.set_model(DigitClassifier())
