@@ -48,3 +48,13 @@ def test_welch_edge_cases():
         statistics.welch_interval([0.95], [0.94, 0.96])
     flat = statistics.welch_interval([0.95, 0.95], [0.94, 0.94])
     assert flat.low == flat.high == pytest.approx(0.01) and math.isinf(flat.dof)
+
+
+def test_seeds_needed_matches_the_textbook_sample_size():
+    # Cohen's d = 0.5 at alpha 0.05, power 0.8: 63.77 per group (statsmodels' TTestIndPower,
+    # and Cohen's table: 64), so 64 seeds.
+    assert statistics.seeds_needed(0.5, 1.0, 1.0) == 64
+    assert statistics.welch_power(0.5, 1.0, 1.0, 64) >= 0.8 > statistics.welch_power(0.5, 1.0, 1.0, 63)
+    # d = 0.8: 25.5 per group -> 26; the sign of the difference does not matter
+    assert statistics.seeds_needed(-0.8, 1.0, 1.0) == 26
+    assert statistics.seeds_needed(0.0, 1.0, 1.0) is None

@@ -142,3 +142,11 @@ def test_page_lists_the_failed_job_and_the_books_rows():
     metrics = page.parent_metrics(summary, diffs)
     assert metrics["uni.test_acc_best.mean"] == pytest.approx(sum(UNI) / 3)
     assert not any(math.isnan(v) for v in metrics.values())
+
+
+def test_an_inconclusive_verdict_says_how_many_seeds_would_settle_it():
+    pair = statistics.differences(job_table(UNI, BI), 0.95).iloc[0]
+    needed = statistics.seeds_needed(pair["test_acc_best_diff"], pd.Series(BI).std(),
+                                     pd.Series(UNI).std())
+    assert needed is not None and needed > 3
+    assert f"would need {needed} seeds per model" in page.verdict(pair)

@@ -86,3 +86,31 @@ def per_seed(jobs: pd.DataFrame, configurations: list[str], book: Mapping[str, d
     axes[0].legend(fontsize=8, loc="lower right")
     fig.suptitle("Per-seed test results")
     return fig
+
+
+def accuracy_by_size(sizes: pd.DataFrame, book: Mapping[str, tuple[int, float]]) -> Figure:
+    """Mean test accuracy (best parameters) against parameter count, one line per model
+    family with its seed range as a band, and the book's single runs as stars (``book``:
+    label -> (parameter count, accuracy))."""
+    fig, ax = plt.subplots(figsize=(7.5, 4.6), constrained_layout=True)
+    for i, (family, group) in enumerate(sizes.groupby("family", sort=False)):
+        group = group.sort_values("param_count")
+        color = f"C{i}"
+        ax.plot(group["param_count"], 100 * group["mean"], "o-", color=color,
+                label=f"{family}, mean over seeds")
+        ax.fill_between(group["param_count"], 100 * group["min"], 100 * group["max"],
+                        color=color, alpha=0.15, label=f"{family}, min-max over seeds")
+        for row in group.itertuples():
+            ax.annotate(f"{row.hidden}", (row.param_count, 100 * row.mean), fontsize=7,
+                        textcoords="offset points", xytext=(4, -10), color=color)
+    for label, (count, accuracy) in book.items():
+        ax.scatter(count, 100 * accuracy, marker="*", s=140, color="C3", zorder=4)
+        ax.annotate(label, (count, 100 * accuracy), fontsize=8, textcoords="offset points",
+                    xytext=(6, 4), color="C3")
+    ax.set_xscale("log")
+    ax.set(xlabel="parameters (log scale); labels: hidden units per chain",
+           ylabel="test accuracy, best parameters (%)",
+           title="Accuracy against parameter count")
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=7, loc="lower right")
+    return fig

@@ -46,6 +46,11 @@ def verdict(pair: pd.Series) -> str:
     else:
         claim = (f"the interval contains zero, so at {level} confidence these seeds neither "
                  f"confirm nor refute the book's claim (bi {params}).")
+        needed = pair.get("test_acc_best_seeds_needed")
+        if needed is not None and not pd.isna(needed):
+            claim += (f" With the observed spreads, a true difference of this size would need "
+                      f"{int(needed)} seeds per model to show at {level} confidence with 80% "
+                      "power (Welch's test, noncentral t).")
     last_low, last_high = pair["test_acc_last_low"], pair["test_acc_last_high"]
     last = (f" With the last parameters the difference is {_points(pair['test_acc_last_diff'])} "
             f"points ({_points(last_low)} to {_points(last_high)}, "

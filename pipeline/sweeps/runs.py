@@ -61,6 +61,12 @@ def configuration_labels(runs: list) -> list[str]:
             for run, o in zip(runs, overrides)]
 
 
+def _hidden_per_chain(params: dict) -> int | None:
+    """uni's hidden_size, or bi's units per chain (forward; equal to backward unless concat)."""
+    value = params.get("model.hidden_size", params.get("model.hidden_fwd"))
+    return int(value) if value is not None else None
+
+
 def job_table(runs: list) -> pd.DataFrame:
     labels = configuration_labels(runs)
     rows = []
@@ -73,6 +79,8 @@ def job_table(runs: list) -> pd.DataFrame:
             "seed": int(params.get(SEED_KEY, tags.get("seed", -1))),
             "status": run.info.status,
             "param_count": int(params["param_count"]) if "param_count" in params else None,
+            "hidden": _hidden_per_chain(params), "merge": params.get("model.merge", ""),
+            "dataset": tags.get("dataset", "?"),
             **{key: metrics.get(key) for key in TEST_METRICS},
             "train_seconds": metrics.get("train_seconds"),
             "job_seconds": metrics.get("job_seconds"),

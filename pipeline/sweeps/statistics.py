@@ -65,6 +65,37 @@ def welch_interval(a: Sequence[float], b: Sequence[float], confidence: float = 0
                          float(interval.high))
 
 
+def welch_power(difference: float, sd_a: float, sd_b: float, n: int,
+                confidence: float = 0.95) -> float:
+    """The chance that Welch's two-sided test at ``confidence`` finds a true ``difference``
+    with ``n`` seeds per group and these standard deviations (noncentral t)."""
+    variance = (sd_a ** 2 + sd_b ** 2) / n
+    dof = variance ** 2 / ((sd_a ** 4 + sd_b ** 4) / (n ** 2 * (n - 1)))
+    shift = abs(difference) / math.sqrt(variance)
+    critical = stats.t.ppf((1 + confidence) / 2, dof)
+    return float(stats.nct.sf(critical, dof, shift) + stats.nct.cdf(-critical, dof, shift))
+
+
+def seeds_needed(difference: float, sd_a: float, sd_b: float, confidence: float = 0.95,
+                 power: float = 0.8, limit: int = 100_000) -> int | None:
+    """The fewest seeds per group for which Welch's test has ``power`` to find ``difference``;
+    None if no difference, or more than ``limit``."""
+    if difference == 0 or not (sd_a > 0 or sd_b > 0):
+        return None
+    low, high = 2, 2
+    while welch_power(difference, sd_a, sd_b, high, confidence) < power:
+        if high >= limit:
+            return None
+        low, high = high, min(limit, high * 2)
+    while low < high:  # power grows with n: bisect for the first n that reaches it
+        middle = (low + high) // 2
+        if welch_power(difference, sd_a, sd_b, middle, confidence) >= power:
+            high = middle
+        else:
+            low = middle + 1
+    return high
+
+
 def differences(jobs: pd.DataFrame, confidence: float) -> pd.DataFrame:
     """Welch's interval of mean(bi) - mean(uni) for every test metric, for every pair of a bi
     and a uni configuration that both have at least two finished seeds."""
@@ -84,6 +115,9 @@ def differences(jobs: pd.DataFrame, confidence: float) -> pd.DataFrame:
                 interval = welch_interval(a[metric].tolist(), b[metric].tolist(), confidence)
                 row.update({f"{metric}_diff": interval.difference,
                             f"{metric}_low": interval.low, f"{metric}_high": interval.high,
-                            f"{metric}_dof": interval.dof})
+                            f"{metric}_dof": interval.dof,
+                            f"{metric}_seeds_needed": seeds_needed(
+                                interval.difference, a[metric].std(), b[metric].std(),
+                                confidence)})
             rows.append(row)
     return pd.DataFrame(rows)
