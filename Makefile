@@ -6,7 +6,7 @@ export PATH := $(abspath $(BIN)):$(PATH)
 # A sweep directory (and so a sweep id) is used once: stamp it.
 SWEEP_STAMP := $(shell date +%Y%m%d-%H%M%S)
 
-.PHONY: setup reproduce sweep test test-slow test-ray benchmark ui
+.PHONY: setup reproduce sweep findings test test-slow test-ray benchmark ui
 
 setup: $(VENV)/.installed
 
@@ -23,6 +23,9 @@ sweep: setup              ## the book configuration over 5 seeds, one job per co
 	python -m pipeline.stages.train -m hydra/launcher=joblib model=uni,bi train.seed=0,1,2,3,4 \
 	    hydra.sweep.dir=multirun/book-seeds-$(SWEEP_STAMP)
 	python -m pipeline.sweeps.report sweep=book-seeds-$(SWEEP_STAMP)
+
+findings: setup           ## reports/findings.md from the sweeps named in conf/findings.yaml
+	python -m pipeline.sweeps.findings
 
 test: setup               ## the fast test suite (a few minutes on 2 cores)
 	python -m pytest

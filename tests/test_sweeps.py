@@ -307,3 +307,27 @@ def test_report_of_two_sweeps_together(seeds, failing, workspace):
     assert report_run.info.status == "FINISHED"
     assert f"this report's run `{report_run.info.run_id}`" in page
     assert "report/report.md" in {a.path for a in client.list_artifacts(report_run.info.run_id, "report")}
+
+
+def test_findings_page_answers_from_the_sweeps_runs(seeds, workspace):
+    # The seeds sweep (uni and bi, hidden 32 and 20 per chain) stands in for every question:
+    # the claim, and accuracy against size (one size per family: bi's 2170 parameters lie
+    # outside the single uni size's range, so the page says it cannot compare).
+    paths = [p for p in workspace["paths"] if p.startswith(("tracking.", "paths.reports"))]
+    result = stage("sweeps.findings", *paths, f"claim.sweeps=[{seeds['id']}]",
+                   f"capacity.sweeps=[{seeds['id']}]", "merges.sweeps=[]", timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    reports = workspace["tmp"] / "reports"
+    page = (reports / "findings.md").read_text()
+    summary = pd.read_csv(reports / "sweeps" / seeds["id"] / "summary.csv") \
+        if (reports / "sweeps" / seeds["id"]).exists() else None
+    runs = by_job(runs_of(seeds["client"], seeds["id"], "job"))
+    uni = [r.data.metrics["test_acc_best"] for r in runs.values()
+           if r.data.tags["model_kind"] == "uni"]
+    assert f"{100 * sum(uni) / 2:.2f}% ±" in page  # the claim's table: uni's mean over seeds
+    assert "neither confirm nor refute" in page or "holds" in page or "does not hold" in page
+    assert "cannot compare the families at equal size" in page
+    assert "*Not run yet*: bi with sum, concat, mean and mul." in page
+    for figure in ("claim_per_seed.png", "accuracy_by_size.png"):
+        assert (reports / "findings" / figure).read_bytes()[:4] == b"\x89PNG"
+    assert summary is None or len(summary) == 2
