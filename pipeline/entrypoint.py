@@ -62,7 +62,8 @@ def stage(config_name: str, on_job_failure: JobFailureHandler | None = None
           ) -> Callable[[Task], Callable[[], "float | None"]]:
     """Turn ``task(cfg)`` into the stage's ``main()``: compose conf/<config_name>.yaml with the
     command-line overrides, validate the values, run the task and return its objective (what
-    a Hydra sweeper such as Optuna minimises; a failed sweep job returns NaN)."""
+    a Hydra sweeper such as Optuna minimises; a failed sweep job returns +inf, the worst loss:
+    Optuna 2's sweeper aborts the whole search on a NaN)."""
 
     def decorate(task: Task) -> Callable[[], "float | None"]:
         @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name=config_name)
@@ -72,7 +73,7 @@ def stage(config_name: str, on_job_failure: JobFailureHandler | None = None
                 with _job_failure_recorded(cfg, on_job_failure):
                     schema.validate(cfg)
                     return task(cfg)
-                return math.nan
+                return math.inf
             with _reported():
                 schema.validate(cfg)
                 return task(cfg)

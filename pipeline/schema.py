@@ -5,6 +5,7 @@ line naming the full key (docs/architecture.md, "Configuration").
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional
 
@@ -29,11 +30,18 @@ class ModelConfig:
     Its keys are integers, so override it as a dict, which merges into the configured one:
     ``'model.lr_milestones={30:0.007}'`` (a dotted ``model.lr_milestones.30=...`` arrives as a
     string key and is rejected).
+
+    ``lr_decay_every``, if set, replaces the milestones by a step schedule given as a fraction
+    of the run, so that one tuned on short runs means the same on long ones
+    (``hparams_search=bi_lr``): the rate is multiplied by ``lr_decay`` every
+    ``lr_decay_every`` x ``train.epochs`` epochs (:func:`lr_milestones`).
     """
 
     kind: str = MISSING
     lr: float = MISSING
     lr_milestones: Dict[int, float] = field(default_factory=dict)
+    lr_decay: float = 1.0  # the factor applied at each step of lr_decay_every
+    lr_decay_every: Optional[float] = None  # fraction of train.epochs between steps, in (0, 1]
 
 
 @dataclass
@@ -236,6 +244,38 @@ def _validate_tracking(tracking: DictConfig) -> None:
         _fail("tracking.experiment_name", "must not be empty", tracking.experiment_name)
 
 
+def lr_milestones(model: DictConfig, epochs: int) -> Dict[int, float]:
+    """The milestones ``model`` means for a run of ``epochs`` epochs: ``lr_milestones`` as
+    given, or with ``lr_decay_every`` = f, ``lr x lr_decay**k`` from epoch round(k f epochs)
+    on (halves up), for every k >= 1 whose epoch falls inside the run."""
+    every = model.get("lr_decay_every")
+    if every is None:
+        return {int(epoch): float(lr) for epoch, lr in model.lr_milestones.items()}
+    milestones = {}
+    for k in range(1, int(1 / every) + 1):
+        epoch = math.floor(k * every * epochs + 0.5)
+        if epoch < epochs:
+            milestones[epoch] = float(model.lr * model.lr_decay ** k)
+    return milestones
+
+
+def _validate_schedule(model: DictConfig, epochs: int) -> None:
+    every = model.get("lr_decay_every")
+    if every is None:
+        if model.get("lr_decay", 1.0) != 1.0:
+            _fail("model.lr_decay", "needs model.lr_decay_every (or leave it at 1.0)",
+                  model.lr_decay)
+        return
+    if not 0 < every <= 1:
+        _fail("model.lr_decay_every", "must be null or in (0, 1] (a fraction of train.epochs)",
+              every)
+    if not 0 < model.lr_decay <= 1:
+        _fail("model.lr_decay", "must be in (0, 1]", model.lr_decay)
+    if every * epochs < 1:  # two steps would fall on one epoch
+        _fail("model.lr_decay_every", f"must leave at least one epoch between steps "
+              f"(x train.epochs = {epochs} gives {every * epochs:g})", every)
+
+
 def validate(cfg: DictConfig) -> DictConfig:
     """Check the values of a composed stage config; return it unchanged or raise ConfigError.
 
@@ -245,6 +285,8 @@ def validate(cfg: DictConfig) -> DictConfig:
         _validate_model(cfg.model)
     if "train" in cfg:
         _validate_train(cfg.train)
+    if "model" in cfg and "train" in cfg:
+        _validate_schedule(cfg.model, cfg.train.epochs)
     if "data" in cfg:
         _validate_data(cfg.data)
     if "tracking" in cfg:

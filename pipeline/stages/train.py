@@ -27,7 +27,7 @@ from omegaconf import DictConfig, OmegaConf
 from birnn.data import scale_pixels
 from birnn.models import RNNClassifier, build_model
 from birnn.training import LRSchedule, TrainResult, TrainSettings, train
-from pipeline import files, prepared_data, scoring
+from pipeline import files, prepared_data, schema, scoring
 from pipeline.entrypoint import stage
 from pipeline.metric_names import CHECKPOINT_METRICS
 from pipeline.paths import project_path
@@ -45,7 +45,7 @@ def make_model(cfg: DictConfig) -> RNNClassifier:
 
 
 def make_settings(cfg: DictConfig) -> TrainSettings:
-    schedule = LRSchedule(cfg.model.lr, {int(e): float(lr) for e, lr in cfg.model.lr_milestones.items()})
+    schedule = LRSchedule(cfg.model.lr, schema.lr_milestones(cfg.model, cfg.train.epochs))
     return TrainSettings(epochs=cfg.train.epochs, batch_size=cfg.train.batch_size, lr=schedule,
                          checkpoint_every=cfg.train.checkpoint_every, seed=cfg.train.seed)
 

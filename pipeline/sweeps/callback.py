@@ -65,12 +65,14 @@ class SweepCallback(Callback):
                                  "hydra.sweep.dir")
             experiment = store.experiment_id(client, config.tracking.experiment_name)
             choices = config.hydra.runtime.choices
+            defining = sweep.sweep_overrides(config.hydra)  # an Optuna search space, too
             tags = {**runs.source_tags(), sweep.SWEEP_TAG: self.sweep_id,
                     sweep.ROLE_TAG: "parent", "stage": "train sweep",
                     "sweep_dir": str(Path(config.hydra.sweep.dir).resolve()),
                     "sweep_overrides": " ".join(config.hydra.overrides.task),
-                    sweep.SWEPT_TAG: json.dumps(sweep.swept_keys(config.hydra.overrides.task)),
-                    sweep.TOTAL_TAG: str(sweep.count_jobs(config.hydra.overrides.task) or "?"),
+                    sweep.SWEPT_TAG: json.dumps(sweep.swept_keys(defining)),
+                    sweep.TOTAL_TAG: str(sweep.planned_jobs(config.hydra) or "?"),
+                    **sweep.search_tags(config.hydra),
                     "launcher": str(choices.get("hydra/launcher")),
                     "preset": str(choices.get("experiment"))}
             run = client.create_run(experiment, run_name=f"sweep {self.sweep_id}", tags=tags)

@@ -17,7 +17,7 @@ from pipeline.entrypoint import stage
 from pipeline.errors import StageError
 from pipeline.paths import project_path
 from pipeline.reports import figures, formatting, table_19_12
-from pipeline.sweeps import capacity, page, statistics
+from pipeline.sweeps import capacity, page, statistics, tuning
 from pipeline.sweeps import runs as sweep_runs
 from pipeline.tracking import store
 
@@ -173,7 +173,8 @@ def findings_task(cfg: DictConfig) -> None:
             "4. Fashion-MNIST": _not_run(cfg.fashion, "both models over 5 seeds on "
                                          "Fashion-MNIST") or "",
             "5. A tuned bidirectional net": _not_run(cfg.tuned, "an Optuna search of bi's "
-                                                     "learning rate and schedule") or "",
+                                                     "learning rate and schedule")
+            or tuning.tuned_section(client, cfg, out, FOLDER),
         }
     body = "\n\n".join(f"## {title}\n\n{text}" for title, text in sections.items())
     files.write_text(reports / "findings.md", f"""# Findings: unidirectional vs bidirectional RNN

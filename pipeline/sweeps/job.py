@@ -26,6 +26,8 @@ ROLE_TAG = "sweep_role"  # "parent" or "job"
 JOB_TAG = "sweep_job"  # the job's number in the sweep (Hydra's hydra.job.num)
 SWEPT_TAG = "swept_keys"  # on the parent: JSON list of the keys the sweep varies
 TOTAL_TAG = "sweep_jobs_total"  # on the parent: how many jobs the command line makes
+SEARCH_SPACE_TAG = "search_space"  # on a search's parent: JSON of hydra.sweeper.params
+SAMPLER_TAG = "search_sampler"  # on a search's parent: 'TPESampler seed=0 ...'
 
 
 def sweep_id(sweep_dir: str) -> str:
@@ -68,6 +70,35 @@ def count_jobs(overrides: list[str]) -> int | None:
     except Exception:
         return None
     return total
+
+
+def sweep_overrides(hydra_cfg) -> list[str]:
+    """The overrides that define a sweep: the sweeper's own ``params`` (an Optuna search
+    space, or sweeps configured for the basic sweeper), then the command line's."""
+    params = hydra_cfg.sweeper.get("params") or {}
+    return [f"{key}={value}" for key, value in params.items()] + list(hydra_cfg.overrides.task)
+
+
+def planned_jobs(hydra_cfg) -> int | None:
+    """How many jobs a sweep will run: the sweeper's ``n_trials`` if it has one (Optuna),
+    else the product of the swept values' counts."""
+    trials = hydra_cfg.sweeper.get("n_trials")
+    return int(trials) if trials is not None else count_jobs(sweep_overrides(hydra_cfg))
+
+
+def search_tags(hydra_cfg) -> dict[str, str]:
+    """What a search's parent run records of its sweeper (Optuna: a sampler, n_trials and a
+    search space), so that a report can say how it was searched; {} for a grid sweep."""
+    sweeper = hydra_cfg.sweeper
+    if sweeper.get("sampler") is None:
+        return {}
+    sampler = sweeper.sampler
+    settings = " ".join(f"{key}={sampler[key]}" for key in ("seed", "n_startup_trials")
+                        if key in sampler)
+    return {SEARCH_SPACE_TAG: json.dumps({str(k): str(v) for k, v
+                                          in (sweeper.get("params") or {}).items()}),
+            SAMPLER_TAG: (f"{str(sampler.get('_target_')).rsplit('.', 1)[-1]} {settings}, "
+                          f"{sweeper.get('n_trials')} trials, {sweeper.get('direction')}")}
 
 
 def log_progress(client, identifier: str) -> None:
