@@ -6,7 +6,7 @@ export PATH := $(abspath $(BIN)):$(PATH)
 # A sweep directory (and so a sweep id) is used once: stamp it.
 SWEEP_STAMP := $(shell date +%Y%m%d-%H%M%S)
 
-.PHONY: setup reproduce sweep findings test test-slow test-ray benchmark ui
+.PHONY: setup reproduce sweep findings test test-slow test-ui test-ray benchmark ui
 
 setup: $(VENV)/.installed
 
@@ -33,6 +33,9 @@ test: setup               ## the fast test suite (a few minutes on 2 cores)
 test-slow: setup          ## the long checks: the full book configuration end to end
 	python -m pytest -m slow
 
+test-ui: setup            ## the MLflow UI in headless Chromium (apt-get install chromium), a few minutes
+	python -m pytest -m ui
+
 test-ray:                 ## the Ray launcher test, in its own virtualenv (.venv-ray, about 1.3 GB)
 	python3 -m venv .venv-ray
 	.venv-ray/bin/python -m pip install --quiet -e ".[dev]" hydra-ray-launcher
@@ -41,5 +44,8 @@ test-ray:                 ## the Ray launcher test, in its own virtualenv (.venv
 benchmark: setup          ## seconds per epoch and peak memory, as JSON
 	python benchmarks/epoch.py
 
-ui: setup                 ## the MLflow UI on http://127.0.0.1:5000
+ui: setup                 ## the MLflow UI on http://127.0.0.1:5000, opened on the experiment's runs
+	@python -c "from mlflow import MlflowClient; from pipeline.stages import compare; \
+	    from pipeline.tracking import store; print('open', compare.runs_page_url( \
+	    MlflowClient(store.default_uri()), 'birnn-table-19-12'))"
 	MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false mlflow ui --backend-store-uri sqlite:///$(abspath mlflow.db) --host 127.0.0.1 --port 5000

@@ -1,5 +1,6 @@
 """Testing a trained model's best and last parameters on the test set, and recording the
-results in its run: shared by the evaluate stage and by a sweep job, which tests its own model."""
+results in its run (metrics, the per-class table, the data used, the run's description):
+shared by the evaluate stage and by a sweep job, which tests its own model."""
 
 from __future__ import annotations
 
@@ -8,13 +9,15 @@ from pathlib import Path
 from typing import Mapping
 
 import numpy as np
+import pandas as pd
 
 from birnn.data import scale_pixels
 from birnn.models import RNNClassifier, load_model
 from birnn.training import Evaluation, evaluate
+from pipeline import prepared_data
 from pipeline.errors import StageError
-from pipeline.metric_names import RULES, test_metric
-from pipeline.tracking import metrics
+from pipeline.metric_names import PER_CLASS_TABLE, RULES, TEST_METRICS, test_metric
+from pipeline.tracking import logged_model, metrics, runs
 
 log = logging.getLogger(__name__)
 
@@ -59,17 +62,111 @@ def details(results: Mapping[str, Evaluation]) -> dict:
 
 
 def run_metrics(results: Mapping[str, Evaluation]) -> dict[str, float]:
+    """test_acc_best, test_loss_best, test_acc_last, test_loss_last."""
     values = {}
     for rule, ev in results.items():
-        values[test_metric("loss", rule)] = ev.loss
         values[test_metric("acc", rule)] = ev.accuracy
-        values.update({f"{test_metric('acc', rule)}_class{k}": float(acc)
-                       for k, acc in enumerate(ev.per_class_accuracy)})
+        values[test_metric("loss", rule)] = ev.loss
     return values
 
 
-def record(client, run_id: str, results: Mapping[str, Evaluation], evaluated_on: str) -> None:
-    """The test results into the model's training run: metrics and the details file."""
-    metrics.log_metrics(client, run_id, run_metrics(results))
+def per_class_table(results: Mapping[str, Evaluation]) -> pd.DataFrame:
+    """One row per rule and digit: its test images, how many were recognised, the share."""
+    return pd.DataFrame([{"rule": rule, "digit": digit, "images": int(ev.confusion[digit].sum()),
+                          "correct": int(ev.confusion[digit, digit]),
+                          "accuracy": float(ev.per_class_accuracy[digit])}
+                         for rule, ev in results.items()
+                         for digit in range(len(ev.per_class_accuracy))])
+
+
+def dataset_name(meta: dict, split: str, rows: int) -> str:
+    """'mnist-train', or 'mnist-val[:1000]' for the first 1,000 of a split (a limit)."""
+    name = f"{meta['dataset']}-{split}"
+    return name if rows == meta["counts"][split] else f"{name}[:{rows}]"
+
+
+def log_data(client, run_id: str, meta: dict, used: Mapping[str, tuple[str, int]]) -> None:
+    """The prepared data a run used as its MLflow inputs: ``used`` maps a context ('train',
+    'validation', 'test') to the split and the number of its rows used. Source: the raw
+    files; digest: the prepared data's fingerprint."""
+    runs.log_data_inputs(client, run_id, meta["source"], prepared_data.fingerprint(meta),
+                         {context: (dataset_name(meta, split, rows), rows)
+                          for context, (split, rows) in used.items()})
+
+
+def already_recorded(run, results: Mapping[str, Evaluation]) -> bool:
+    """The run holds exactly these test results (evaluate rerun on an unchanged model)."""
+    tracked = run.data.metrics
+    return all(tracked.get(key) == value for key, value in run_metrics(results).items())
+
+
+def record(client, run_id: str, results: Mapping[str, Evaluation], meta: dict,
+           model_id: str | None = None) -> bool:
+    """The test results into the model's training run: the four test metrics (those of the
+    best parameters attached to the logged model ``model_id``, which holds them), the
+    per-class table, the details file, the test data as an input, and the description.
+    Returns False, writing nothing, if the run already holds these results (evaluate rerun
+    on an unchanged model: log_table would append the same rows again)."""
+    if already_recorded(client.get_run(run_id), results):
+        log.info("run %s already holds these test results: not logged again", run_id)
+        return False
+    values = run_metrics(results)
+    rows = len(results["best"].predictions)
+    test_data = dataset_name(meta, "test", rows)
+    if model_id is not None:
+        best = {key: values.pop(key) for key in (test_metric("acc", "best"),
+                                                 test_metric("loss", "best"))}
+        logged_model.log_model_metrics(
+            client, model_id, best, run_id=run_id, dataset_name=test_data,
+            dataset_digest=runs.dataset_digest(prepared_data.fingerprint(meta)))
+    metrics.log_metrics(client, run_id, values)
+    client.log_table(run_id, per_class_table(results), PER_CLASS_TABLE)
     client.log_dict(run_id, details(results), "evaluation/test_details.json")
-    client.set_tag(run_id, "evaluated_on", evaluated_on)
+    client.set_tag(run_id, "evaluated_on", f"{meta['dataset']} test ({rows} images)")
+    log_data(client, run_id, meta, {"test": ("test", rows)})
+    runs.set_description(client, run_id, describe(client.get_run(run_id)))
+    return True
+
+
+# ------------------------------------------------------------------------ the run's page
+def _percent(value: float) -> str:
+    return f"{100 * value:.2f}%"
+
+
+def describe(run) -> str:
+    """A training run's description (Markdown, shown on its page): what was trained, how,
+    and how it scored, from the run's own params, metrics and tags."""
+    params, values, tags = run.data.params, run.data.metrics, run.data.tags
+
+    def param(key: str) -> str:
+        return params.get(key, "?")
+
+    kind = params.get("model.kind", tags.get("model_kind", "?"))
+    units = params.get("hidden_sizes", "?")
+    if kind == "uni":
+        model = f"unidirectional vanilla RNN, {units} tanh units"
+    else:
+        merge = params.get("model.merge", "?")
+        model = (f"bidirectional vanilla RNN, two chains of {units.replace('+', ' + ')} tanh "
+                 f"units (forward and reversed), final states merged by `{merge}`")
+    lines = [f"**{run.info.run_name}**: {model}, {int(params.get('param_count', 0)):,} "
+             f"parameters; preset `{tags.get('preset', '?')}`: {param('train.epochs')} epochs, "
+             f"batch {param('train.batch_size')}, learning rate {param('model.lr')}, seed "
+             f"{param('train.seed')}, {param('data.train_samples')} training images."]
+    if "best_val_loss" in values:
+        lines.append(f"\nLowest validation loss {values['best_val_loss']:.4f} (accuracy "
+                     f"{_percent(values['best_val_acc'])}) at epoch {int(values['best_epoch'])}, "
+                     f"after {values['train_seconds']:.0f} s of training.")
+    if all(key in values for key in TEST_METRICS):
+        lines.append(
+            f"\n**Test accuracy {_percent(values[test_metric('acc', 'best')])}** (loss "
+            f"{values[test_metric('loss', 'best')]:.4f}) with the best parameters, "
+            f"{_percent(values[test_metric('acc', 'last')])} (loss "
+            f"{values[test_metric('loss', 'last')]:.4f}) with the last; per digit: "
+            f"`{PER_CLASS_TABLE}`.")
+    else:
+        lines.append("\nNot tested yet (the evaluate stage adds the test results).")
+    lines.append("\nThe best parameters are logged as the MLflow model `model` "
+                 f"(`runs:/{run.info.run_id}/model`); the resolved configuration is "
+                 "`config.yaml`, the curves `val_loss`, `val_acc`, `batch_loss`, `lr`.")
+    return "\n".join(lines)

@@ -211,7 +211,7 @@ def test_test_metrics_attach_to_the_logged_model(store, tmp_path):
     assert len(client.get_metric_history(run_id, "param_count")) == 1   # copy was deduplicated
 
 
-def test_registered_alias_book_loads_the_same_model(use_store, tmp_path):
+def test_registered_alias_book_loads_the_same_model(use_store, tmp_path, capfd):
     client, _, _ = use_store
     imgs = images(50, seed=2)
     uni, uni_path = saved_model(tmp_path, "uni")
@@ -222,6 +222,9 @@ def test_registered_alias_book_loads_the_same_model(use_store, tmp_path):
                                     input_example=images(2))
     version = logged_model.register_model(client, second.model_id, "digits")
     assert (first.registered_model_version, int(version.version)) == (1, 2)
+    printed = capfd.readouterr()   # a stage's stderr is for errors: no MLflow chatter
+    assert "Successfully registered" not in printed.out + printed.err
+    assert "Validating input example" not in printed.err and "Downloading" not in printed.err
     assert version.source == f"models:/{second.model_id}"   # (its model_id field stays None)
     assert '"version": 2' in client.get_logged_model(second.model_id).tags["mlflow.modelVersions"]
 

@@ -2,23 +2,34 @@
 
 The end-to-end tests run `dvc repro` in a temporary copy of the project (its own git
 repository, DVC cache and mlflow.db) and then check the runs, the metrics and the report
-through MlflowClient and the files.
+through MlflowClient and the files, load the logged models and serve a registered one.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
+import signal
+import subprocess
+import tempfile
+import time
+import urllib.error
+import urllib.request
 from pathlib import Path
 
+import mlflow
+import numpy as np
 import pandas as pd
 import pytest
+from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from pipeline import prepared_data
-from pipeline_testkit import (CHECKPOINT_METRICS, ROOT, TEST_METRICS, commit_all, copy_project, dvc,
-                              error_lines, run, stage)
+from pipeline.metric_names import PER_CLASS_TABLE, SUMMARY_METRICS
+from pipeline_testkit import (CHECKPOINT_METRICS, ROOT, TEST_METRICS, VENV_BIN, clean_env,
+                              commit_all, copy_project, dvc, error_lines, free_port, run, stage)
 
 RAW = ROOT / "data" / "raw" / "mnist"
 
@@ -214,15 +225,27 @@ def test_training_run_has_every_checkpoint_metric_at_every_step(quick, name, par
     assert run_.data.params["model.kind"] == name and run_.data.params["train.epochs"] == "3"
     artifacts = {a.path for a in client.list_artifacts(run_.info.run_id)}
     assert {"best.npz", "last.npz", "history.csv", "config.yaml", "run.json"} <= artifacts
+    # the curves, the summary and the test results: nothing else (no per-class metrics)
+    assert set(run_.data.metrics) == {*CHECKPOINT_METRICS, *SUMMARY_METRICS, *TEST_METRICS}
+    assert "train_loss" not in history and "batch_loss" in history  # named as the metrics
 
 
 def test_training_runs_are_comparable_side_by_side(quick):
     uni, bi = training_run(quick, "uni").data, training_run(quick, "bi").data
-    assert set(CHECKPOINT_METRICS) <= set(uni.metrics) & set(bi.metrics)
-    shared = {"param_count", "model.lr", "train.epochs", "train.batch_size", "train.seed"}
-    assert shared <= set(uni.params) & set(bi.params)
-    assert {k for k in uni.params if k.startswith("train.")} == \
-        {k for k in bi.params if k.startswith("train.")}
+    assert set(uni.metrics) == set(bi.metrics)
+    # The same names for the same meaning; bi adds its merge; no infrastructure settings.
+    assert set(bi.params) - set(uni.params) == {"model.merge"}
+    assert set(uni.params) == {
+        "model.kind", "param_count", "param_count_by_tensor", "hidden_units", "hidden_sizes",
+        "model.lr", "model.lr_milestones", "train.epochs", "train.batch_size",
+        "train.checkpoint_every", "train.seed", "train.dtype", "train.val_limit",
+        "data.train_samples", "data.val_samples"}   # (train_limit: unset, so no param)
+    assert (uni.params["hidden_units"], uni.params["hidden_sizes"]) == ("32", "32")
+    assert (bi.params["hidden_units"], bi.params["hidden_sizes"]) == ("40", "20+20")
+    assert json.loads(bi.params["model.lr_milestones"]) == {"30": 0.008, "50": 0.005, "70": 0.002}
+    assert json.loads(uni.params["model.lr_milestones"]) == {}
+    assert bi.params["data.val_samples"] == "1000"  # the quick preset's val_limit, as used
+    assert sum(json.loads(bi.params["param_count_by_tensor"]).values()) == 2170
 
 
 def test_training_run_tags(quick):
@@ -257,8 +280,153 @@ def test_report_run_nests_the_training_runs(quick):
     artifacts = {a.path for a in client.list_artifacts(parent_id)}
     assert artifacts >= {"report.md", "table.csv", "validation_curves.png",
                          "confusion_matrices.png"}
-    uni_metrics = training_run(quick, "uni").data.metrics
-    assert parent.data.metrics["uni.test_acc_best"] == uni_metrics["test_acc_best"]
+    assert parent.data.metrics == {}  # the numbers are the training runs' own
+
+
+def test_descriptions_say_what_each_page_is(quick):
+    client = quick["client"]
+    experiment = client.get_experiment_by_name("birnn-table-19-12")
+    assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
+    assert "press **Compare**" in experiment.tags["mlflow.note.content"]
+    for name in ("uni", "bi"):
+        run_ = training_run(quick, name)
+        note = run_.data.tags["mlflow.note.content"]
+        accuracy = run_.data.metrics["test_acc_best"]
+        assert note.startswith(f"**{name}**: {'uni' if name == 'uni' else 'bi'}directional")
+        assert f"Test accuracy {100 * accuracy:.2f}%" in note and "preset `quick`" in note
+        assert f"runs:/{run_.info.run_id}/model" in note
+    report_id = training_run(quick, "uni").data.tags["mlflow.parentRunId"]
+    note = client.get_run(report_id).data.tags["mlflow.note.content"]
+    page = (quick["project"] / "reports" / "table_19_12" / "report.md").read_text()
+    table = [line for line in page.splitlines() if line.startswith("|")]
+    assert len(table) == 7 and all(line in note for line in table)  # table 19-12 itself
+    for figure in ("validation_curves.png", "confusion_matrices.png"):  # from the run's artifacts
+        assert f"](get-artifact?path={figure}&run_uuid={report_id})" in note
+        assert f"]({figure})" in page
+
+
+def test_runs_record_the_data_they_used(quick):
+    meta = prepared_data.read_meta(quick["project"] / "data" / "prepared")
+    for name in ("uni", "bi"):
+        inputs = training_run(quick, name).inputs.dataset_inputs
+        by_context = {i.tags[0].value: i.dataset for i in inputs
+                      if i.tags and i.tags[0].key == "mlflow.data.context"}
+        assert {c: d.name for c, d in by_context.items()} == {
+            "train": "mnist-train", "validation": "mnist-val[:1000]", "test": "mnist-test"}
+        for dataset in by_context.values():
+            assert dataset.digest == prepared_data.fingerprint(meta)[:16]
+            assert json.loads(dataset.source) == {"uri": "data/raw/mnist"}
+        assert json.loads(by_context["test"].profile) == {"num_rows": 10000}
+
+
+def test_per_class_results_are_a_table_not_metrics(quick, tmp_path):
+    for name in ("uni", "bi"):
+        run_ = training_run(quick, name)
+        local = quick["client"].download_artifacts(run_.info.run_id, PER_CLASS_TABLE, str(tmp_path))
+        table = pd.read_json(local, orient="split")
+        assert list(table.columns) == ["rule", "digit", "images", "correct", "accuracy"]
+        assert len(table) == 20
+        for rule in ("best", "last"):
+            rows = table[table["rule"] == rule]
+            assert rows["digit"].tolist() == list(range(10)) and rows["images"].sum() == 10000
+            assert rows["correct"].sum() / 10000 == run_.data.metrics[f"test_acc_{rule}"]
+            assert rows["accuracy"].tolist() == pytest.approx(
+                (rows["correct"] / rows["images"]).tolist(), abs=1e-9)  # JSON keeps 10 digits
+
+
+@pytest.fixture
+def store_as_default(quick, monkeypatch, tmp_path):
+    """The quick pipeline's store as MLflow's default (runs:/ and models:/ URIs), and MLflow's
+    downloads in tmp_path."""
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", quick["client"].tracking_uri)
+    monkeypatch.delenv("MLFLOW_REGISTRY_URI", raising=False)
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    return quick
+
+
+def test_logged_models_predict_the_evaluate_stages_digits(store_as_default):
+    from pipeline.tracking.logged_model import images_frame
+
+    project = store_as_default["project"]
+    meta = prepared_data.read_meta(project / "data" / "prepared")
+    images, labels = prepared_data.load(project / "data" / "prepared", "test", meta)
+    for name in ("uni", "bi"):
+        run_ = training_run(store_as_default, name)
+        digits = mlflow.pyfunc.load_model(f"runs:/{run_.info.run_id}/model").predict(
+            images_frame(images))
+        evaluated = pd.read_csv(project / "metrics" / f"predictions_{name}_best.csv")
+        assert np.array_equal(digits, evaluated["predicted"].to_numpy())
+        assert np.mean(digits == labels) == run_.data.metrics["test_acc_best"]
+        # the test results of the best parameters are the logged model's own metrics
+        model_id = json.loads((project / "models" / name / "run.json").read_text())["model_id"]
+        on_model = {m.key: m for m in store_as_default["client"].get_logged_model(model_id).metrics}
+        assert on_model["test_acc_best"].value == run_.data.metrics["test_acc_best"]
+        assert on_model["test_acc_best"].dataset_name == "mnist-test"
+        assert {"best_val_loss", "test_loss_best"} <= set(on_model)
+
+
+def test_registered_versions_carry_the_presets_alias(quick):
+    client = quick["client"]
+    for name in ("uni", "bi"):
+        version = client.get_model_version_by_alias(f"birnn-{name}", "quick")
+        assert version.run_id == training_run(quick, name).info.run_id
+        assert client.get_registered_model(f"birnn-{name}").description.startswith(
+            f"{'Uni' if name == 'uni' else 'Bi'}directional vanilla RNN")
+        with pytest.raises(MlflowException):  # a quick model is no book model
+            client.get_model_version_by_alias(f"birnn-{name}", "book")
+    page = (quick["project"] / "reports" / "table_19_12" / "report.md").read_text()
+    assert "`models:/birnn-bi@quick` (version 1)" in page
+
+
+def http(url: str, body: dict | None = None, timeout: float = 10):
+    data = None if body is None else json.dumps(body).encode()
+    request = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=timeout) as response:
+        return response.status, response.read()
+
+
+def test_served_alias_answers_with_the_evaluate_stages_digits(quick, tmp_path):
+    """`mlflow models serve -m models:/birnn-bi@quick --env-manager local` on 127.0.0.1, as
+    the README shows for @book: 100 test images in, the evaluate stage's digits out."""
+    from pipeline.tracking.logged_model import images_frame
+
+    project = quick["project"]
+    meta = prepared_data.read_meta(project / "data" / "prepared")
+    images, _ = prepared_data.load(project / "data" / "prepared", "test", meta, limit=100)
+    expected = pd.read_csv(project / "metrics" / "predictions_bi_best.csv")["predicted"][:100]
+    port = free_port()
+    env = clean_env(MLFLOW_TRACKING_URI=quick["client"].tracking_uri, TMPDIR=str(tmp_path))
+    started = time.monotonic()
+    with open(tmp_path / "serve.log", "wb") as log:
+        server = subprocess.Popen(   # uvicorn must be on PATH: clean_env puts the venv first
+            [str(VENV_BIN / "mlflow"), "models", "serve", "-m", "models:/birnn-bi@quick",
+             "--env-manager", "local", "--host", "127.0.0.1", "--port", str(port)],
+            cwd=tmp_path, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        while True:
+            try:
+                if http(f"http://127.0.0.1:{port}/ping", timeout=2)[0] == 200:
+                    break
+            except (urllib.error.URLError, ConnectionError, TimeoutError):
+                pass
+            assert server.poll() is None, (tmp_path / "serve.log").read_text()[-3000:]
+            assert time.monotonic() - started < 120, "model server not up within 120 s"
+            time.sleep(0.25)
+        frame = images_frame(images)
+        status, body = http(f"http://127.0.0.1:{port}/invocations",
+                            {"dataframe_split": frame.to_dict(orient="split", index=False)})
+        assert status == 200
+        assert json.loads(body)["predictions"] == expected.tolist()
+        print(f"serve round trip: {time.monotonic() - started:.1f} s")
+    finally:
+        try:
+            os.killpg(server.pid, signal.SIGTERM)
+            server.wait(timeout=10)
+        except ProcessLookupError:
+            pass
+        except subprocess.TimeoutExpired:
+            os.killpg(server.pid, signal.SIGKILL)
+            server.wait(timeout=10)
 
 
 def test_dvc_metrics_show_lists_both_models(quick):
@@ -292,6 +460,11 @@ def test_exp_run_with_a_bi_hyperparameter_reruns_only_what_depends_on_it(quick):
     lr_history = quick["client"].get_metric_history(bi.info.run_id, "lr")
     assert [m.value for m in lr_history] == [0.02] * 6  # logged at every checkpoint
     assert_report_equals_tracked_metrics(quick)
+    client = quick["client"]
+    assert client.get_model_version_by_alias("birnn-bi", "quick").run_id == bi.info.run_id
+    assert client.get_model_version_by_alias("birnn-uni", "quick").run_id == uni_before
+    # evaluate reran on the unchanged uni: its run holds one set of test results, not two
+    assert len(client.get_metric_history(uni_before, "test_acc_best")) == 1
 
 
 # ----------------------------------------------------------------------------- the book

@@ -53,6 +53,22 @@ def test_train_task_returns_the_best_validation_loss(task_config, tmp_path):
     assert (tmp_path / "metrics" / "history_uni.csv").read_text().startswith("epoch,")
 
 
+def test_train_task_registers_its_model_and_upgrades_an_older_experiment(task_config,
+                                                                         tmp_path):
+    cfg = task_config("train", *TINY)
+    client = store.connect(cfg.tracking)
+    older = client.create_experiment(cfg.tracking.experiment_name)  # as the code before did
+    train_stage.train_task(cfg)
+
+    experiment = client.get_experiment(older)
+    assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
+    assert experiment.tags["mlflow.note.content"] == store.EXPERIMENT_DESCRIPTION
+    info = json.loads((tmp_path / "models" / "uni" / "run.json").read_text())
+    version = client.get_model_version("birnn-uni", info["model_version"])
+    assert version.run_id == info["run_id"] and info["model_uri"].endswith("/model")
+    assert client.get_logged_model(info["model_id"]).source_run_id == info["run_id"]
+
+
 def _two_different_models(kind: str = "uni"):
     sizes = {"hidden_size": 8} if kind == "uni" else {"hidden_fwd": 4, "hidden_bwd": 4}
     return build_model(kind, seed=1, **sizes), build_model(kind, seed=2, **sizes)

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import itertools
 from pathlib import Path
-from typing import Mapping
+from typing import Callable, Mapping
 
 import pandas as pd
 from omegaconf import OmegaConf
@@ -103,9 +103,30 @@ def notes(book: dict, tensor_counts: Mapping[str, Mapping[str, int]], merge: str
     return "\n".join(lines)
 
 
-def page(table: pd.DataFrame, book: dict, context: dict, notes_text: str) -> str:
-    """The whole reports/table_19_12/report.md."""
+FIGURES = {"validation_curves.png": "Validation loss and accuracy during training",
+           "confusion_matrices.png": "Confusion matrices on the test set, best parameters"}
+
+
+def models_line(models: Mapping[str, tuple[str, int, str | None]]) -> str:
+    """'The models: `models:/birnn-uni@book` (version 3), ...' for the registered models
+    (``models[name]`` = (registered name, version, alias or None)); empty if there are none."""
+    shown = [f"`models:/{registered}@{alias}`" if alias else f"`models:/{registered}/{version}`"
+             for registered, version, alias in models.values()]
+    versions = [f"version {version}" for _, version, _ in models.values()]
+    if not shown:
+        return ""
+    listed = ", ".join(f"{uri} ({v})" for uri, v in zip(shown, versions))
+    return (f"\nThe models, registered in MLflow: {listed}; load one with "
+            "`mlflow.pyfunc.load_model(<uri>)` or serve it with `mlflow models serve -m <uri>`.\n")
+
+
+def page(table: pd.DataFrame, book: dict, context: dict, notes_text: str,
+         figure_link: Callable[[str], str] = str) -> str:
+    """The whole reports/table_19_12/report.md. ``figure_link``: where a figure (its file
+    name) is linked from: beside the page by default; the report run's description links
+    its artifacts."""
     runs = ", ".join(f"{name} `{run_id}`" for name, run_id in context["runs"].items())
+    figures = "\n\n".join(f"![{alt}]({figure_link(name)})" for name, alt in FIGURES.items())
     warnings = formatting.reference_warnings([context["preset"]], context["dataset"])
     dataset = formatting.dataset_title(context["dataset"])
     return f"""# Table 19-12 reproduced: unidirectional vs bidirectional RNN on sequential {dataset}
@@ -121,10 +142,8 @@ this report's run `{context['report_run']}`). Preset `{context['preset']}`: {con
 Best parameters: those with the lowest validation loss over all checkpoints; last parameters:
 those after the final update. {context['best_checkpoints']}
 A CSV with full precision is in `table.csv`.
-
-![Validation loss and accuracy during training](validation_curves.png)
-
-![Confusion matrices on the test set, best parameters](confusion_matrices.png)
+{models_line(context.get('models', {}))}
+{figures}
 
 ## Notes on the book's numbers
 

@@ -4,13 +4,20 @@
 
 Reads metrics/ (test.json, history_<name>.csv), evaluation/ and the training runs, checks that
 files and runs agree, and writes reports/table_19_12/ (report.md, table.csv, figures) whole.
-A report run in the training runs' experiment holds the same files, with the runs nested under it.
+A report run in the training runs' experiment holds the same files, with the runs nested under
+it and the page as its description; the registered versions it compared get the alias of
+their preset (models:/birnn-bi@book).
 """
 
 from __future__ import annotations
 
+import base64
+import json
 import logging
 import math
+import re
+import time
+import zlib
 
 import pandas as pd
 from omegaconf import DictConfig
@@ -21,11 +28,17 @@ from pipeline.errors import StageError
 from pipeline.metric_names import RULES, test_metric
 from pipeline.paths import project_path
 from pipeline.reports import figures, formatting, table_19_12
-from pipeline.tracking import metrics, runs, store
+from pipeline.tracking import runs, store
 
 log = logging.getLogger(__name__)
 
 REPORT_FOLDER = "table_19_12"
+# A saved view of the experiment's runs table, with the columns of the comparison: in the UI's
+# "Views" menu, and opened by `make ui` (runs_page_url).
+VIEW_KEY = "table-19-12"
+VIEW_COLUMNS = ["attributes.`Models`", "metrics.`test_acc_best`", "metrics.`test_loss_best`",
+                "metrics.`test_acc_last`", "params.`param_count`", "params.`hidden_units`",
+                "params.`model.lr`"]
 
 
 def check_agreement(name: str, ours: dict, run, where: str) -> None:
@@ -40,9 +53,35 @@ def check_agreement(name: str, ours: dict, run, where: str) -> None:
 
 
 def tensor_counts(run) -> dict[str, int]:
-    prefix = "param_count."
-    return {key[len(prefix):]: int(value) for key, value in run.data.params.items()
+    params = run.data.params
+    if "param_count_by_tensor" in params:
+        return {key: int(n) for key, n in json.loads(params["param_count_by_tensor"]).items()}
+    prefix = "param_count."  # runs logged before param_count_by_tensor
+    return {key[len(prefix):]: int(value) for key, value in params.items()
             if key.startswith(prefix)}
+
+
+def alias_of(preset: str) -> str | None:
+    """The registry alias for a preset ('book'), or None if MLflow would refuse the name."""
+    if re.fullmatch(r"[\w-]+", preset) and preset.lower() != "latest" \
+            and not re.fullmatch(r"v\d+", preset):
+        return preset
+    return None
+
+
+def set_aliases(client, found_runs: dict, run_infos: dict) -> dict:
+    """Point the alias of each compared run's preset at its registered version: the versions
+    behind the newest table 19-12 of that preset. Returns name -> (model, version, alias)."""
+    models = {}
+    for name, info in run_infos.items():
+        if not info.get("registered_model"):
+            continue  # trained before models were registered
+        registered, version = info["registered_model"], int(info["model_version"])
+        alias = alias_of(found_runs[name].data.tags.get("preset", ""))
+        if alias is not None:
+            client.set_registered_model_alias(registered, alias, str(version))
+        models[name] = (registered, version, alias)
+    return models
 
 
 def describe_training(runs_by_name: dict) -> tuple[str, str]:
@@ -62,13 +101,14 @@ def collect(cfg: DictConfig, client) -> dict:
     metrics_dir = project_path(paths.metrics_dir)
     test_path = metrics_dir / "test.json"
     test = files.read_json(test_path)
-    ours, found_runs, histories, confusions = {}, {}, {}, {}
+    ours, found_runs, run_infos, histories, confusions = {}, {}, {}, {}, {}
     for name in cfg.models:
         if name not in test:
             raise StageError(f"{test_path}: no results for model {name!r}: rerun evaluate")
         model_dir = project_path(paths.models_dir) / name
-        run_id = runs.read_run_info(model_dir)["run_id"]
-        found_runs[name] = runs.require_run(client, run_id, str(model_dir / "run.json"))
+        run_infos[name] = runs.read_run_info(model_dir)
+        found_runs[name] = runs.require_run(client, run_infos[name]["run_id"],
+                                            str(model_dir / "run.json"))
         check_agreement(name, test[name], found_runs[name], str(test_path))
         ours[name] = test[name]
         label = f"{name} ({test[name]['param_count']} parameters)"
@@ -85,21 +125,40 @@ def collect(cfg: DictConfig, client) -> dict:
                          f"experiments ({', '.join(sorted(experiments))}): train them with one "
                          "tracking config")
     first = next(iter(found_runs.values()))
-    return {"ours": ours, "runs": found_runs, "histories": histories, "confusions": confusions,
+    return {"ours": ours, "runs": found_runs, "run_infos": run_infos, "histories": histories,
+            "confusions": confusions,
             "experiment": client.get_experiment(experiments.pop()).name,
             "preset": first.data.tags.get("preset", "?"),
             "dataset": first.data.tags.get("dataset", "?")}
 
 
-def report_run_metrics(ours: dict) -> dict[str, float]:
-    """Our column of the table as metrics of the report run: uni.test_acc_best, ..."""
-    values = {}
-    for name, result in ours.items():
-        values[f"{name}.param_count"] = result["param_count"]
-        for rule in RULES:
-            values[f"{name}.{test_metric('acc', rule)}"] = result[rule]["accuracy"]
-            values[f"{name}.{test_metric('loss', rule)}"] = result[rule]["loss"]
-    return values
+def save_view(client, experiment_id: str) -> None:
+    """(Re)write the saved view VIEW_KEY. MLflow 3.17's UI keeps a saved view as the experiment
+    tag mlflow.sharedViewState.<key>: JSON whose "state" is the runs page's state, deflated
+    and base64-encoded. An MLflow that does not know the tag ignores it."""
+    state = {"searchFilter": "", "orderByKey": "attributes.start_time", "orderByAsc": False,
+             "startTime": "ALL", "lifecycleFilter": "Active", "datasetsFilter": [],
+             "modelVersionFilter": "All Runs", "selectedColumns": VIEW_COLUMNS,
+             "columnOrder": [], "columnWidths": {}, "runsHiddenMode": "FIRST_10_RUNS",
+             "viewMaximized": False, "runListHidden": False, "isAccordionReordered": False,
+             "useGroupedValuesInCharts": True, "hideEmptyCharts": True, "groupBy": None,
+             "groupsExpanded": {}, "globalLineChartConfig": {
+                 "xAxisKey": "step", "lineSmoothness": 0, "selectedXAxisMetricKey": ""}}
+    now = int(time.time() * 1000)
+    packed = base64.b64encode(zlib.compress(json.dumps(state).encode())).decode()
+    client.set_experiment_tag(experiment_id, f"mlflow.sharedViewState.{VIEW_KEY}", json.dumps(
+        {"name": "table 19-12", "createdAt": now, "updatedAt": now, "state": f"deflate;{packed}"}))
+
+
+def runs_page_url(client, experiment: str, base: str = "http://127.0.0.1:5000") -> str:
+    """The UI's page of the experiment's runs, in the model-training workflow (MLflow 3.17
+    opens an experiment on its GenAI pages unless told) and the saved view of the comparison
+    (written here if missing)."""
+    experiment_id = store.experiment_id(client, experiment)
+    if f"mlflow.sharedViewState.{VIEW_KEY}" not in client.get_experiment(experiment_id).tags:
+        save_view(client, experiment_id)
+    return (f"{base}/#/experiments/{experiment_id}/runs?workflowType=machine_learning"
+            f"&viewStateShareKey={VIEW_KEY}")
 
 
 def compare_task(cfg: DictConfig) -> None:
@@ -119,6 +178,7 @@ def compare_task(cfg: DictConfig) -> None:
         context = {"runs": {n: r.info.run_id for n, r in found_runs.items()},
                    "report_run": report_run_id, "training": training,
                    "best_checkpoints": best_checkpoints,
+                   "models": set_aliases(client, found_runs, found["run_infos"]),
                    **{key: found[key] for key in ("preset", "dataset", "experiment")}}
         figures.save_png(figures.validation_curves(found["histories"]),
                          staging / "validation_curves.png")
@@ -129,8 +189,14 @@ def compare_task(cfg: DictConfig) -> None:
         (staging / "report.md").write_text(table_19_12.page(table, book, context, notes),
                                            encoding="utf-8")
         client.log_artifacts(report_run_id, str(staging))
-        metrics.log_metrics(client, report_run_id, report_run_metrics(found["ours"]))
+        # The run's page shows the report, its figures fetched from the run's artifacts (a
+        # URL relative to the UI, as the UI's own artifact viewer uses). No metrics: the
+        # numbers are the training runs' own.
+        runs.set_description(client, report_run_id, table_19_12.page(
+            table, book, context, notes,
+            figure_link=lambda f: f"get-artifact?path={f}&run_uuid={report_run_id}"))
         runs.adopt_children(client, report_run_id, [r.info.run_id for r in found_runs.values()])
+        save_view(client, client.get_run(report_run_id).info.experiment_id)
     log.info("wrote %s/report.md (report run %s)", target, report_run_id)
     print(table_19_12.table_markdown(table))
 

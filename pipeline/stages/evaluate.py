@@ -2,9 +2,10 @@
 
     python -m pipeline.stages.evaluate [models=[uni,bi]]
 
-Results go into each model's own training run (its id is in models/<name>/run.json) and into
-metrics/test.json (all models, both rules), evaluation/<name>/details.json (per-class accuracy,
-confusion matrices) and metrics/predictions_<name>_<rule>.csv (DVC's confusion plots).
+Results go into each model's own training run (its id is in models/<name>/run.json; the best
+parameters' results onto its logged MLflow model too) and into metrics/test.json (all models,
+both rules), evaluation/<name>/details.json (per-class accuracy, confusion matrices) and
+metrics/predictions_<name>_<rule>.csv (DVC's confusion plots).
 """
 
 from __future__ import annotations
@@ -43,23 +44,22 @@ def evaluate_task(cfg: DictConfig) -> None:
                              f"{meta['dataset']} data {prepared_data.fingerprint(meta)}: retrain it")
         models = scoring.load_rules(model_dir)
         results = scoring.score(name, models, images, labels)
-        per_model[name] = (run_id, results)
+        per_model[name] = (run_id, run_info.get("model_id"), results)
         summary[name] = scoring.summary_entry(models["best"].param_count()["total"], results)
 
-    evaluated_on = f"{meta['dataset']} test ({len(labels)} images)"
-    for name, (run_id, results) in per_model.items():  # tracking first, files last
-        scoring.record(client, run_id, results, evaluated_on)
-        for rule, ev in results.items():
+    for name, (run_id, model_id, results) in per_model.items():  # tracking first, files last
+        scoring.record(client, run_id, results, meta, model_id)
+        for rule, ev in results.items():  # (re)drawn: the figure code may have changed
             client.log_figure(run_id, figures.confusion_matrices(
                 {name: ev.confusion}, f"test set, {rule} parameters"),
                 f"evaluation/confusion_{rule}.png")
 
     metrics_dir = project_path(cfg.paths.metrics_dir)
     with files.publish_dir(project_path(cfg.paths.evaluation_dir)) as staging:
-        for name, (_, results) in per_model.items():
+        for name, (_, _, results) in per_model.items():
             (staging / name).mkdir()
             files.write_json(staging / name / "details.json", scoring.details(results))
-    for name, (_, results) in per_model.items():
+    for name, (_, _, results) in per_model.items():
         for rule, ev in results.items():
             files.write_text(metrics_dir / f"predictions_{name}_{rule}.csv",
                              pd.DataFrame({"actual": labels, "predicted": ev.predictions})

@@ -4,9 +4,10 @@
     python -m pipeline.stages.train -m model=uni,bi 'train.seed=range(5)' hydra/launcher=joblib
 
 A single run writes models/<name>/ (best.npz, last.npz, config.yaml, run.json),
-metrics/train_<name>.json and metrics/history_<name>.csv, only once training succeeded. A
-sweep job writes the same under its own folder (<sweep dir>/<job>/), tests its model on the
-test set before its run ends, and records a failure without stopping the other jobs.
+metrics/train_<name>.json and metrics/history_<name>.csv, only once training succeeded, and
+registers its best parameters as a version of the MLflow model birnn-<name>. A sweep job
+writes the same under its own folder (<sweep dir>/<job>/), registers nothing, tests its model
+on the test set before its run ends, and records a failure without stopping the other jobs.
 The task returns the best validation loss: the objective of a Hydra sweeper.
 """
 
@@ -29,14 +30,22 @@ from birnn.models import RNNClassifier, build_model
 from birnn.training import LRSchedule, TrainResult, TrainSettings, train
 from pipeline import files, prepared_data, schema, scoring
 from pipeline.entrypoint import stage
-from pipeline.metric_names import CHECKPOINT_METRICS
+from pipeline.metric_names import CHECKPOINT_METRICS, CHECKPOINT_RENAMES, SUMMARY_METRICS
 from pipeline.paths import project_path
 from pipeline.sweeps import job as sweep_job
-from pipeline.tracking import metrics, runs, store
+from pipeline.tracking import logged_model, metrics, runs, store
 
 log = logging.getLogger(__name__)
 
 ARCHITECTURE_KEYS = {"uni": ("hidden_size",), "bi": ("hidden_fwd", "hidden_bwd", "merge")}
+CHAIN_KEYS = {"uni": ("hidden_size",), "bi": ("hidden_fwd", "hidden_bwd")}
+REGISTERED_MODEL = "birnn-{name}"   # single runs register their model under this name
+MODEL_DESCRIPTIONS = {
+    "uni": "Unidirectional vanilla RNN (tanh) of table 19-12, numpy: reads a 28 x 28 MNIST image "
+           "row by row, classifies from its last state.",
+    "bi": "Bidirectional vanilla RNN (tanh) of table 19-12, numpy: a forward and a reversed chain "
+          "read a 28 x 28 MNIST image row by row; their final states are merged, then classified.",
+}
 
 
 def make_model(cfg: DictConfig) -> RNNClassifier:
@@ -64,11 +73,23 @@ def run_tags(cfg: DictConfig, meta: dict) -> dict[str, str]:
 
 
 def run_params(cfg: DictConfig, counts: dict[str, int], n_train: int, n_val: int) -> dict:
-    """The resolved config flattened, plus parameter counts (total and per tensor) and the
-    number of samples actually used: the same names for both models, so MLflow's Compare
-    view lines them up."""
-    return {**runs.flatten(cfg), "param_count": counts["total"],
-            **{f"param_count.{name}": n for name, n in counts.items() if name != "total"},
+    """What was trained, under the same names for both models so that MLflow's Compare view
+    lines them up: the parameter count, the hidden units in total and per chain, the learning
+    rate and its schedule, the merge (bi only), the training settings and the samples used.
+    Settings that do not change the result (paths, tracking) and unset limits are left out;
+    the whole resolved config is the run's config.yaml."""
+    chains = [int(cfg.model[key]) for key in CHAIN_KEYS[cfg.model.kind]]
+    # The milestones in effect: those lr_decay_every derives for this run's length, if set.
+    milestones = {str(epoch): lr for epoch, lr
+                  in schema.lr_milestones(cfg.model, cfg.train.epochs).items()}
+    steps = {f"model.{key}": cfg.model[key] for key in ("lr_decay", "lr_decay_every")
+             if cfg.model.get("lr_decay_every") is not None}
+    return {"model.kind": cfg.model.kind, "param_count": counts["total"],
+            "param_count_by_tensor": json.dumps({k: n for k, n in counts.items() if k != "total"}),
+            "hidden_units": sum(chains), "hidden_sizes": "+".join(map(str, chains)),
+            "model.lr": cfg.model.lr, "model.lr_milestones": json.dumps(milestones), **steps,
+            **({"model.merge": cfg.model.merge} if "merge" in cfg.model else {}),
+            **{f"train.{key}": value for key, value in cfg.train.items() if value is not None},
             "data.train_samples": n_train, "data.val_samples": n_val}
 
 
@@ -81,19 +102,46 @@ def summarize(result: TrainResult, param_count: int) -> dict:
             "train_seconds": result.seconds, "param_count": param_count}
 
 
-def save_model_files(folder, model: RNNClassifier, result: TrainResult, cfg: DictConfig,
-                     run_info: dict) -> None:
-    """best.npz, last.npz, config.yaml and run.json into ``folder``."""
+def history_frame(result: TrainResult) -> pd.DataFrame:
+    """metrics/history_<name>.csv: one row per checkpoint, columns named as the metrics."""
+    return pd.DataFrame([c.as_dict() for c in result.history]).rename(columns=CHECKPOINT_RENAMES)
+
+
+def checkpoint_values(checkpoint) -> dict[str, float]:
+    """A checkpoint's CHECKPOINT_METRICS, under their metric names."""
+    values = {CHECKPOINT_RENAMES.get(f, f): v for f, v in checkpoint.as_dict().items()}
+    return {key: values[key] for key in CHECKPOINT_METRICS}
+
+
+def save_model_files(folder, model: RNNClassifier, result: TrainResult, cfg: DictConfig) -> None:
+    """best.npz, last.npz and config.yaml into ``folder``."""
     model.set_params(result.best_params)
     model.save(folder / "best.npz")
     model.set_params(result.last_params)
     model.save(folder / "last.npz")
     (folder / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True), encoding="utf-8")
-    files.write_json(folder / "run.json", run_info)
+
+
+def log_best_model(client, run_id: str, cfg: DictConfig, model_file, example, job) -> dict:
+    """The best parameters as the run's MLflow model ``model``; a single run (not a sweep
+    job: a sweep would flood the registry) registers it as a new version of birnn-<name>.
+    Returns what run.json records about it."""
+    started = time.monotonic()
+    name = None if job is not None else REGISTERED_MODEL.format(name=cfg.name)
+    info = logged_model.log_model(client, run_id, model_file, input_example=example,
+                                  registered_model_name=name, tags={"rule": "best"})
+    found = {"model_id": info.model_id, "model_uri": f"runs:/{run_id}/model"}
+    if name is not None:
+        if not client.get_registered_model(name).description:
+            client.update_registered_model(name, MODEL_DESCRIPTIONS.get(cfg.model.kind, ""))
+        found.update(registered_model=name, model_version=info.registered_model_version)
+    log.info("MLflow model logged in %.1f s%s", time.monotonic() - started,
+             f": {name} version {info.registered_model_version}" if name else "")
+    return found
 
 
 def self_test(client, run_id: str, cfg: DictConfig, model: RNNClassifier, result: TrainResult,
-              data_dir, meta: dict) -> dict:
+              data_dir, meta: dict, model_id: str | None = None) -> dict:
     """A sweep job tests its best and last parameters as the evaluate stage would, into its
     run; returns the model's entry of metrics/test.json."""
     images, labels = prepared_data.load(data_dir, "test", meta)
@@ -102,7 +150,7 @@ def self_test(client, run_id: str, cfg: DictConfig, model: RNNClassifier, result
         by_rule[rule] = copy.deepcopy(model)
         by_rule[rule].set_params(params)
     results = scoring.score(cfg.name, by_rule, images, labels)
-    scoring.record(client, run_id, results, f"{meta['dataset']} test ({len(labels)} images)")
+    scoring.record(client, run_id, results, meta, model_id)
     return scoring.summary_entry(model.param_count()["total"], results)
 
 
@@ -150,31 +198,36 @@ def train_task(cfg: DictConfig) -> float:
     with runs.new_run(client, cfg.tracking.experiment_name, run_name, tags,
                       script=__file__) as run_id, job_timer(client, run_id, job, started):
         runs.log_params(client, run_id, run_params(cfg, counts, len(train_y), len(val_y)))
+        scoring.log_data(client, run_id, meta, {"train": ("train", len(train_y)),
+                                                "validation": ("val", len(val_y))})
         buffer = metrics.MetricBuffer(client, run_id, cfg.tracking.flush_every_seconds)
         # A diverging run overflows before train() notices and raises DivergenceError, the
         # one-line error; numpy's overflow warnings on the way would only bury it.
         with np.errstate(over="ignore", invalid="ignore"):
             result = train(model, train_x, train_y, val_x, val_y, settings,
-                           on_checkpoint=lambda c: buffer.add(
-                               {key: getattr(c, key) for key in CHECKPOINT_METRICS}, c.iteration),
+                           on_checkpoint=lambda c: buffer.add(checkpoint_values(c), c.iteration),
                            log=log.info)
         summary = summarize(result, counts["total"])
-        buffer.add(summary, step=0)
+        buffer.add({key: summary[key] for key in SUMMARY_METRICS}, step=0)
         buffer.flush()
         log.info("MLflow: %d metric values sent in %.2f s", buffer.values_sent,
                  buffer.seconds_spent)
         client.set_tag(run_id, "metric_logging_seconds", f"{buffer.seconds_spent:.3f}")
-        test_summary = (self_test(client, run_id, cfg, model, result, data_dir, meta)
-                        if job else None)
+        runs.set_description(client, run_id, scoring.describe(client.get_run(run_id)))
 
         target = models_dir / cfg.name
-        run_info = {"run_id": run_id, "run_name": run_name,
-                    "experiment_id": client.get_run(run_id).info.experiment_id,
-                    "tracking_uri": client.tracking_uri, "model": model.config,
-                    "dataset": meta["dataset"], "data_sha256": prepared_data.fingerprint(meta)}
-        history = pd.DataFrame([c.as_dict() for c in result.history])
+        history = history_frame(result)
         with files.publish_dir(target) as staging:
-            save_model_files(staging, model, result, cfg, run_info)
+            save_model_files(staging, model, result, cfg)
+            # At step 0, where the summary is: MLflow attaches it to the model too.
+            found = log_best_model(client, run_id, cfg, staging / "best.npz", val_images[:3], job)
+            test_summary = (self_test(client, run_id, cfg, model, result, data_dir, meta,
+                                      found["model_id"]) if job else None)
+            files.write_json(staging / "run.json", {
+                "run_id": run_id, "run_name": run_name,
+                "experiment_id": client.get_run(run_id).info.experiment_id,
+                "tracking_uri": client.tracking_uri, **found, "model": model.config,
+                "dataset": meta["dataset"], "data_sha256": prepared_data.fingerprint(meta)})
             history.to_csv(staging / "history.csv", index=False)  # logged with the model files
             client.log_artifacts(run_id, str(staging))
             (staging / "history.csv").unlink()  # the committed copy is metrics/history_<name>.csv

@@ -203,7 +203,9 @@ def record_failed_job(cfg: DictConfig, error: str, script: str) -> None:
     parent = parent_run(client, job)
     run = client.create_run(experiment, run_name=job.run_name(kind, parent),
                             tags={**runs.source_tags(script), **job.tags(parent),
-                                  "stage": "train", "model_kind": kind})
+                                  "stage": "train", "model_kind": kind,
+                                  runs.NOTE_TAG: f"Job {job.num} of sweep `{job.sweep_id}`: "
+                                  f"it failed before its training started ({error[:1000]})."})
     try:
         params = runs.flatten(cfg)
     except Exception:  # the failure may be an interpolation that does not resolve

@@ -64,6 +64,8 @@ def configuration_labels(runs: list) -> list[str]:
 def _hidden_per_chain(params: dict) -> int | None:
     """uni's hidden_size, or bi's units per chain (forward; equal to backward unless concat)."""
     value = params.get("model.hidden_size", params.get("model.hidden_fwd"))
+    if value is None and "hidden_sizes" in params:  # runs logged since the shared names: "20+20"
+        value = params["hidden_sizes"].split("+")[0]
     return int(value) if value is not None else None
 
 

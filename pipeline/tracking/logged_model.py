@@ -1,62 +1,16 @@
 """The MLflow Model of a trained birnn classifier: log it, attach test metrics, register, alias.
 
-Input contract (one, for ``mlflow.pyfunc.load_model(uri).predict`` and ``mlflow models serve``):
-
-    A pandas DataFrame with the 784 integer columns ``pixel0`` .. ``pixel783`` (Kaggle's MNIST
-    CSV names), one image per row, the 28 x 28 pixels in row-major order (``pixel{28 r + c}``
-    is row r, column c; ``images.reshape(N, 784)`` of an (N, 28, 28) array), holding the RAW
-    pixel values 0..255 as the MNIST files hold them (not scaled to [0, 1]: the model scales).
-    :func:`images_frame` builds it from (N, 28, 28) or (N, 784) arrays. Called on the Python
-    object directly (:class:`DigitClassifier`), a 2-D integer ndarray (N, 784) is taken too.
-
-    Anything else is refused (:class:`PixelInputError`, a ValueError; HTTP 400 from the
-    server) rather than misread. The signature (784 ``long`` columns) makes MLflow refuse
-    missing columns and, in process, float columns (it will not cast float64 to int64); the
-    model refuses values outside 0..255, non-integer arrays, and images whose brightest pixel
-    is 1. That last rule is for pixels already scaled to [0, 1] sent to the SERVER: MLflow's
-    scoring server casts JSON numbers to the signature's int64 before the model sees them
-    (0.37 -> 0, 1.0 -> 1), so such images arrive as 0s and 1s, and an MNIST image with no
-    pixel brighter than 1 out of 255 is no real input. (Fractional values on the 0..255
-    scale, e.g. 12.7, are truncated by that cast, not refused: send integers.)
-
-Output: the predicted digit of every row, an int64 ndarray (N,); the server answers
-``{"predictions": [7, 2, ...]}``. The model scales with :func:`birnn.data.scale_pixels` in the
-model's dtype and takes ``predict_logits(...).argmax(axis=1)`` with BLAS on one thread,
-which is what the evaluate stage does (``birnn.training.evaluate``): the same images in the
-same batch give bit-identical logits and so the same digits. (BLAS may round the last bit of
-a logit differently for another batch size, ~1e-15 in float64; that can only flip a digit
-whose two best logits tie to that precision.) No class probabilities: one output, one
-signature.
-
-Server request, 20 images as JSON::
-
-    {"dataframe_split": {"columns": ["pixel0", ..., "pixel783"], "data": [[0, 0, ...], ...]}}
-
-How the model is stored: "models from code". ``python_model`` is THIS file: MLflow copies
-it into the model and, at load time, runs the copy (which ends with ``set_model``), so
-nothing is pickled, and loading or serving never imports ``pipeline.tracking.logged_model``:
-the model keeps working whatever the pipeline package becomes. The ``birnn`` package is
-shipped inside the model too (``code_paths``; put first on ``sys.path`` by MLflow when it
-loads the model in a fresh process such as the server), so a registered version keeps
-predicting with the code it was trained with, and needs from the environment only the
-pinned ``numpy``, ``pandas``, ``threadpoolctl`` and ``mlflow`` (explicit ``pip_requirements``:
-MLflow's requirement inference, which runs the model in a subprocess, is skipped). The
-parameters are the ``.npz`` written by ``RNNClassifier.save``, an artifact of the model
-(``artifacts/`` in the model's folder), read with ``birnn.models.load_model``.
-
-Runs. The pipeline talks to MLflow through an ``MlflowClient`` and explicit run ids, with no
-active fluent run, so :func:`log_model` takes the client and a run id and never starts,
-resumes or ends a run: the run's status is left as it is (RUNNING or FINISHED). It creates
-the LoggedModel itself in the RUN's experiment (``mlflow.models.Model.log`` on its own would
-put a model logged without an active run into the Default experiment "0") and hands its id to
-``Model.log``. ``Model.log`` reads MLflow's global tracking URI, so that is set to the
-client's for the duration of the call and restored afterwards, environment variable
-included: not thread-safe, like everything global in MLflow.
+Input: a DataFrame of int columns ``pixel0`` .. ``pixel783``, the RAW pixels 0..255 of one
+28 x 28 image per row, row-major (:func:`images_frame` builds it); output: the predicted digit
+of every row (int64). The server takes ``{"dataframe_split": {"columns": [...], "data": [...]}}``
+and answers ``{"predictions": [7, 2, ...]}``. How it is stored and why (models from code,
+birnn shipped inside, no active run): docs/architecture.md, "Logged models".
 """
 
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import time
 from collections.abc import Iterator, Mapping
@@ -175,6 +129,30 @@ def pip_requirements() -> list[str]:
 
 # ------------------------------------------------------------------------- tracking
 @contextlib.contextmanager
+def _quiet(registering: bool = False) -> Iterator[None]:
+    """No progress bars and no INFO chatter from MLflow on a stage's stderr, which is kept
+    for errors; registering also silences the registry's "Successfully registered" print
+    (the caller logs the version). MLflow's warnings still show, except while registering."""
+    from mlflow.utils.logging_utils import MLFLOW_LOGGING_STREAM
+
+    pyfunc_log = logging.getLogger("mlflow.pyfunc")
+    saved_level, saved_stream = pyfunc_log.level, MLFLOW_LOGGING_STREAM.enabled
+    saved_bar = os.environ.get("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR")
+    os.environ["MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"] = "false"
+    pyfunc_log.setLevel(logging.WARNING)  # "Validating input example against model signature"
+    MLFLOW_LOGGING_STREAM.enabled = saved_stream and not registering
+    try:
+        yield
+    finally:
+        MLFLOW_LOGGING_STREAM.enabled = saved_stream
+        pyfunc_log.setLevel(saved_level)
+        if saved_bar is None:
+            os.environ.pop("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", None)
+        else:
+            os.environ["MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"] = saved_bar
+
+
+@contextlib.contextmanager
 def _global_tracking_uri(uri: str) -> Iterator[None]:
     """MLflow's global tracking URI set to ``uri`` for the block and restored exactly after.
 
@@ -238,7 +216,7 @@ def log_model(client, run_id: str, model_file: str | Path, *, name: str = "model
         params={**run.data.params, **{k: str(v) for k, v in (params or {}).items()}},
         tags=model_tags, model_type="birnn")
     try:
-        with _global_tracking_uri(client.tracking_uri):
+        with _global_tracking_uri(client.tracking_uri), _quiet():
             info = Model.log(
                 artifact_path=None, name=name, flavor=mlflow.pyfunc, run_id=run_id,
                 model_id=logged.model_id, step=step,
@@ -297,7 +275,7 @@ def register_model(client, model_id: str, name: str, await_registration_for: int
     """Register logged model ``model_id`` as a new version of registered model ``name``
     (created if needed); return the ``ModelVersion``. (What ``log_model`` does when given
     ``registered_model_name``, for a model chosen after logging, e.g. once tested.)"""
-    with _global_tracking_uri(client.tracking_uri):
+    with _global_tracking_uri(client.tracking_uri), _quiet(registering=True):
         return mlflow.register_model(f"models:/{model_id}", name,
                                      await_registration_for=await_registration_for)
 

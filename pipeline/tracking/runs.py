@@ -115,6 +115,40 @@ def _end(client, run_id: str, status: str, error: str) -> None:
         log.warning("could not mark run %s %s: %s", run_id, status, exc)
 
 
+NOTE_TAG = "mlflow.note.content"  # the run's description: Markdown on its page in the UI
+
+
+def set_description(client, run_id: str, markdown: str) -> None:
+    """The run's description (its page renders it as Markdown); cut to MLflow's 8,000
+    characters for a tag value."""
+    if len(markdown) > 8000:
+        markdown = markdown[:7900].rsplit("\n", 1)[0] + "\n\n(cut at MLflow's length limit)"
+    client.set_tag(run_id, NOTE_TAG, markdown)
+
+
+def dataset_digest(fingerprint: str) -> str:
+    """A dataset's digest as MLflow stores it: at most 36 characters (PostgreSQL enforces
+    it), so a longer fingerprint (a sha256) is cut to its first 16."""
+    return fingerprint if len(fingerprint) <= 36 else fingerprint[:16]
+
+
+def log_data_inputs(client, run_id: str, source: str, fingerprint: str,
+                    datasets: Mapping[str, tuple[str, int]]) -> None:
+    """Record the data a run used as its MLflow inputs (the UI's Dataset column and lineage):
+    ``datasets`` maps a context ('train', 'validation', 'test') to the dataset's name and
+    number of rows, all read from ``source`` (a relative path) and identified by
+    :func:`dataset_digest` of ``fingerprint``."""
+    from mlflow.entities import Dataset, DatasetInput, InputTag
+
+    digest = dataset_digest(fingerprint)
+    client.log_inputs(run_id, datasets=[
+        DatasetInput(Dataset(name=name, digest=digest, source_type="local",
+                             source=json.dumps({"uri": source}),
+                             profile=json.dumps({"num_rows": rows})),
+                     tags=[InputTag("mlflow.data.context", context)])
+        for context, (name, rows) in datasets.items()])
+
+
 def read_run_info(model_dir: Path) -> dict:
     """models/<name>/run.json, written by the train stage: which run holds this model."""
     return read_json(model_dir / "run.json",

@@ -1,0 +1,236 @@
+"""The MLflow UI as a new user sees it, in a real browser: headless Chromium from Debian's
+packages (/usr/bin/chromium; Playwright's own browser downloads are not used), driven by
+Playwright for Python. `mlflow ui` serves a throwaway store on 127.0.0.1 and the quick
+pipeline (`dvc repro` in a copy of the project) logs into it THROUGH that server, so the
+registry of a server is exercised too. Screenshots go to a temporary folder (printed).
+
+    make test-ui      # = python -m pytest -m ui
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+from pipeline.stages import compare
+from pipeline_testkit import VENV_BIN, clean_env, commit_all, copy_project, free_port, run
+
+pytestmark = pytest.mark.ui
+
+CHROMIUM = "/usr/bin/chromium"   # apt-get install chromium (.ci/run does)
+EXPERIMENT = "birnn-table-19-12"
+UI_START_SECONDS = 120            # `mlflow ui` answers /health after 15-20 s on 2 idle cores
+PAGE_TIMEOUT_MS = 30_000
+
+
+def wait_for_health(url: str, server: subprocess.Popen, log: Path) -> None:
+    started = time.monotonic()
+    while True:
+        try:
+            with urllib.request.urlopen(f"{url}/health", timeout=2) as answer:
+                if answer.status == 200:
+                    return
+        except (urllib.error.URLError, ConnectionError, TimeoutError):
+            pass
+        assert server.poll() is None, log.read_text()[-3000:]
+        assert time.monotonic() - started < UI_START_SECONDS, f"{url} not up: {log}"
+        time.sleep(0.5)
+
+
+def stop(server: subprocess.Popen) -> None:
+    try:
+        os.killpg(server.pid, signal.SIGTERM)
+        server.wait(timeout=15)
+    except ProcessLookupError:
+        pass
+    except subprocess.TimeoutExpired:
+        os.killpg(server.pid, signal.SIGKILL)
+        server.wait(timeout=15)
+
+
+@pytest.fixture(scope="module")
+def ui(tmp_path_factory):
+    """`mlflow ui` on a free port over a fresh store, filled by the quick pipeline through it."""
+    started = time.monotonic()
+    root = tmp_path_factory.mktemp("ui")
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    log = root / "mlflow-ui.log"
+    with open(log, "wb") as out:
+        server = subprocess.Popen(
+            [str(VENV_BIN / "mlflow"), "ui", "--backend-store-uri",
+             f"sqlite:///{root / 'mlflow.db'}", "--artifacts-destination", str(root / "artifacts"),
+             "--host", "127.0.0.1", "--port", str(port)],
+            cwd=root, env=clean_env(MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false"), stdout=out,
+            stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        wait_for_health(url, server, log)
+        project = copy_project(root / "project")
+        (project / "params.yaml").write_text("experiment: quick\n")
+        commit_all(project, "preset quick")
+        result = run(["dvc", "repro"], cwd=project, timeout=1800, MLFLOW_TRACKING_URI=url)
+        assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+        client = MlflowClient(url)
+        runs = {name: json.loads((project / "models" / name / "run.json").read_text())["run_id"]
+                for name in ("uni", "bi")}
+        shots = root / "screenshots"
+        shots.mkdir()
+        print(f"\nscreenshots: {shots}")
+        yield {"url": url, "client": client, "runs": runs, "shots": shots,
+               "report": client.get_run(runs["uni"]).data.tags["mlflow.parentRunId"],
+               "experiment_id": client.get_experiment_by_name(EXPERIMENT).experiment_id}
+    finally:
+        stop(server)
+        print(f"ui tests: {time.monotonic() - started:.0f} s in all")
+
+
+@pytest.fixture(scope="module")
+def browser(ui):
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as playwright:
+        chromium = playwright.chromium.launch(executable_path=CHROMIUM, headless=True)
+        try:
+            yield chromium
+        finally:
+            chromium.close()
+
+
+@pytest.fixture
+def page(browser):
+    """A fresh page (no state from another test) at a desktop size."""
+    context = browser.new_context(viewport={"width": 1600, "height": 1000})
+    # MLflow's telemetry SharedWorker keeps the network busy forever: "networkidle" never comes.
+    context.add_init_script("delete window.SharedWorker;")
+    context.set_default_timeout(PAGE_TIMEOUT_MS)
+    page = context.new_page()
+    yield page
+    context.close()
+
+
+def close_assistant(page) -> None:
+    """The MLflow Assistant panel opens on a first visit and takes a third of the page."""
+    from playwright.sync_api import TimeoutError as PlaywrightTimeout
+
+    page.get_by_text("MLflow Assistant").first.wait_for()
+    button = page.get_by_role("button", name="Close", exact=True).first
+    try:
+        button.wait_for(timeout=5_000)
+    except PlaywrightTimeout:
+        return   # (a later MLflow may not open it)
+    button.click()
+
+
+def grid_cells(page, run_name: str) -> dict[str, str]:
+    """The runs table's cells of the row of ``run_name``: column id -> text. (The grid
+    renders a row in several containers, pinned and scrolling, tied by row-id.)"""
+    return page.evaluate("""name => {
+        const pinned = [...document.querySelectorAll('.ag-row')].find(row =>
+            [...row.querySelectorAll("[col-id='attributes.`Run Name`'] a")]
+                .some(a => a.innerText.trim() === name));
+        if (!pinned) return null;
+        const cells = {};
+        const id = pinned.getAttribute('row-id');
+        for (const row of document.querySelectorAll(`.ag-row[row-id='${id}']`))
+            for (const cell of row.querySelectorAll('.ag-cell'))
+                cells[cell.getAttribute('col-id')] = cell.innerText.trim();
+        return cells;
+    }""", run_name)
+
+
+def wait_for_cells(page, run_name: str, column: str) -> dict[str, str]:
+    """grid_cells of ``run_name`` once its ``column`` has a value (bounded)."""
+    deadline = time.monotonic() + PAGE_TIMEOUT_MS / 1000
+    while True:
+        cells = grid_cells(page, run_name) or {}
+        if cells.get(column):
+            return cells
+        assert time.monotonic() < deadline, f"no {column} for run {run_name}: {cells}"
+        time.sleep(0.2)
+
+
+def test_make_ui_link_opens_the_runs_with_the_comparison_columns(ui, page):
+    client = ui["client"]
+    url = compare.runs_page_url(client, EXPERIMENT, base=ui["url"])   # what `make ui` prints
+    page.goto(url, wait_until="networkidle")
+    close_assistant(page)
+    page.get_by_role("heading", name="Runs", exact=True).wait_for()   # not the GenAI pages
+    assert page.get_by_text("Detect Issues").count() == 0
+    page.get_by_text("Table 19-12 of the book, reproduced").first.wait_for()
+    # The training runs are folded under the report run that compared them: unfold it.
+    page.locator(".ag-row", has_text="table-19-12").locator("button").first.click()
+    for name, count in (("uni", "2282"), ("bi", "2170")):
+        cells = wait_for_cells(page, name, "params.`param_count`")
+        metrics = client.get_run(ui["runs"][name]).data.metrics
+        assert cells["params.`param_count`"] == count, cells
+        assert float(cells["metrics.`test_acc_best`"]) == metrics["test_acc_best"], cells
+        assert cells["attributes.`Models`"].split() == [f"birnn-{name}", "v1"], cells
+    page.screenshot(path=ui["shots"] / "runs.png")
+
+
+def test_compare_page_shows_both_parameter_counts(ui, page):
+    page.goto(compare.runs_page_url(ui["client"], EXPERIMENT, base=ui["url"]),
+              wait_until="networkidle")
+    close_assistant(page)
+    page.locator(".ag-row", has_text="table-19-12").locator("button").first.click()
+    for name in ("uni", "bi"):   # tick the two runs, as a user does
+        page.locator(".ag-row a", has_text=name).first.wait_for()
+        row_id = page.evaluate("""name => [...document.querySelectorAll('.ag-row')].find(row =>
+            [...row.querySelectorAll('a')].some(a => a.innerText.trim() === name))
+            .getAttribute('row-id')""", name)
+        page.locator(f".ag-row[row-id='{row_id}'] input[type=checkbox]").first.check()
+    page.get_by_role("button", name="Compare").first.click()
+    page.wait_for_url("**/compare-runs**")
+    page.get_by_text("Comparing 2 Runs").wait_for()
+    close_assistant(page)
+    row = page.locator("tr", has=page.get_by_text("param_count", exact=True)).first
+    row.wait_for()
+    assert "2282" in row.inner_text() and "2170" in row.inner_text()
+    row.scroll_into_view_if_needed()
+    page.screenshot(path=ui["shots"] / "compare.png")
+
+
+def test_report_run_page_shows_table_19_12_with_its_figures(ui, page):
+    base = f"{ui['url']}/#/experiments/{ui['experiment_id']}/runs/{ui['report']}"
+    page.goto(f"{base}?workflowType=machine_learning", wait_until="networkidle")
+    close_assistant(page)
+    page.get_by_text("Show more").first.click()
+    table = page.locator("table", has=page.get_by_text("test accuracy, best parameters"))
+    table.wait_for()
+    # (Markdown images load lazily: scroll to them, as a reader does.)
+    text = table.inner_text()
+    for name in ("uni", "bi"):
+        accuracy = ui["client"].get_run(ui["runs"][name]).data.metrics["test_acc_best"]
+        assert f"{100 * accuracy:.2f}%" in text
+    assert "95.17%" in text and "2281" in text   # the book's column
+    images = page.locator("img[src^='get-artifact']")
+    assert images.count() == 2
+    for index in range(2):
+        images.nth(index).scroll_into_view_if_needed()
+    page.wait_for_function("""() => [...document.querySelectorAll("img[src^='get-artifact']")]
+        .every(img => img.complete && img.naturalWidth > 0)""")   # they render
+    table.scroll_into_view_if_needed()
+    page.screenshot(path=ui["shots"] / "report.png")
+
+
+def test_training_run_page_says_what_was_trained_and_how_it_scored(ui, page):
+    run_id = ui["runs"]["bi"]
+    page.goto(f"{ui['url']}/#/experiments/{ui['experiment_id']}/runs/{run_id}"
+              "?workflowType=machine_learning", wait_until="networkidle")
+    close_assistant(page)
+    page.get_by_text("bidirectional vanilla RNN, two chains of 20 + 20").first.wait_for()
+    page.get_by_text("Metrics (14)").wait_for()   # not 37
+    page.get_by_text("mnist-train").first.wait_for()   # the data it used
+    page.screenshot(path=ui["shots"] / "run.png")
+    # the server's registry holds the pipeline's versions, aliased by preset
+    version = ui["client"].get_model_version_by_alias("birnn-bi", "quick")
+    assert version.run_id == run_id
