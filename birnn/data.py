@@ -27,6 +27,8 @@ __all__ = [
     "sha256_file",
     "read_manifest",
     "verify_manifest",
+    "check_label_range",
+    "mnist_files",
     "scale_pixels",
     "one_hot",
     "shuffle_split",
@@ -39,6 +41,7 @@ _NDIM = {IMAGES_MAGIC: 3, LABELS_MAGIC: 1}
 _GZIP_MAGIC = b"\x1f\x8b"
 _CHUNK = 1 << 20
 
+IMAGE_SHAPE = (28, 28)  # rows x columns: what the models read as 28 steps of 28 features
 _SPLIT_FILES = {
     "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
     "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
@@ -165,11 +168,11 @@ def load_idx_pair(
             f"{images_path}, {labels_path}: count mismatch: {len(images)} images "
             f"but {len(labels)} labels"
         )
-    _check_label_range(labels, num_classes, where=str(labels_path))
+    check_label_range(labels, num_classes, where=str(labels_path))
     return images, labels
 
 
-def _check_label_range(labels: np.ndarray, num_classes: int, where: str) -> None:
+def check_label_range(labels: np.ndarray, num_classes: int, where: str) -> None:
     """Raise DataError naming ``where``, the first bad value and its index, unless every
     label lies in 0..num_classes-1."""
     bad = np.flatnonzero((labels < 0) | (labels >= num_classes))
@@ -200,11 +203,12 @@ def read_manifest(manifest_path: PathLike) -> dict[str, str]:
     """Parse a manifest in ``sha256sum`` format into {filename: lowercase hex}.
 
     Each non-blank line is ``<64 hex digits><space><space or *><filename>``; the ``*`` is
-    sha256sum's binary-mode marker. Blank lines are skipped.
+    sha256sum's binary-mode marker. Blank lines are skipped. A file name is a plain name in
+    the manifest's data folder: a path (``../x``, ``/etc/x``, ``sub/x``) is refused.
 
     Raises:
         DataError: the manifest is missing, not UTF-8, empty, has a malformed line (the line
-            number is given), or lists one file twice.
+            number is given), names a path instead of a file, or lists one file twice.
     """
     manifest_path = Path(manifest_path)
     raw = _read_bytes(manifest_path)
@@ -223,6 +227,9 @@ def read_manifest(manifest_path: PathLike) -> dict[str, str]:
                 f"'<64 hex digits>  <filename>', got {line[:80]!r}"
             )
         digest, name = match.group(1).lower(), match.group(2)
+        if "/" in name or "\\" in name or name in (".", ".."):
+            raise DataError(f"{manifest_path}: line {lineno}: {name!r} is not a plain file name "
+                            "(entries name files in the data folder itself)")
         if name in entries:
             raise DataError(f"{manifest_path}: line {lineno}: {name} is listed twice")
         entries[name] = digest
@@ -231,19 +238,31 @@ def read_manifest(manifest_path: PathLike) -> dict[str, str]:
     return entries
 
 
-def verify_manifest(manifest_path: PathLike, root: PathLike | None = None) -> dict[str, str]:
+def verify_manifest(manifest_path: PathLike, root: PathLike | None = None,
+                    files: list[str] | None = None) -> dict[str, str]:
     """Check every file of a sha256sum manifest; return the verified {filename: hex}.
 
     File names are resolved relative to ``root``, or to the manifest's folder if ``root`` is
-    None. Stops at the first failing file.
+    None. ``files``, if given, are the names that will be read: the manifest must list exactly
+    those (a file read but not listed would be used unchecked). Stops at the first failing file.
 
     Raises:
-        ChecksumError: a listed file is missing or its sha256 differs from the manifest.
+        ChecksumError: a listed file is missing or its sha256 differs from the manifest, or
+            the manifest does not list exactly ``files``.
         DataError: the manifest itself is unreadable or malformed.
     """
     manifest_path = Path(manifest_path)
     entries = read_manifest(manifest_path)
     base = Path(root) if root is not None else manifest_path.parent
+    if files is not None:
+        unlisted = [name for name in files if name not in entries]
+        if unlisted:
+            raise ChecksumError(f"{base / unlisted[0]}: not listed in {manifest_path}: every "
+                                f"file read must be ({len(unlisted)} unlisted)")
+        unread = [name for name in entries if name not in files]
+        if unread:
+            raise ChecksumError(f"{manifest_path}: lists {unread[0]}, which is not read: the "
+                                f"manifest must list exactly the files read ({', '.join(files)})")
     for name, expected in entries.items():
         path = base / name
         if not path.is_file():
@@ -293,7 +312,7 @@ def one_hot(labels: np.ndarray, num_classes: int = 10) -> np.ndarray:
         raise DataError(f"one_hot: expected labels of shape (N,), got shape {labels.shape}")
     if not np.issubdtype(labels.dtype, np.integer):
         raise DataError(f"one_hot: labels must be integers, got dtype {labels.dtype}")
-    _check_label_range(labels, num_classes, where="one_hot")
+    check_label_range(labels, num_classes, where="one_hot")
     out = np.zeros((labels.shape[0], num_classes), dtype=np.float64)
     out[np.arange(labels.shape[0]), labels] = 1.0
     return out
@@ -348,18 +367,32 @@ def _find(root: Path, stem: str) -> Path:
     raise DataError(f"{root / stem}.gz: no such file (nor {root / stem})")
 
 
+def mnist_files(root: PathLike, split: str) -> tuple[Path, Path]:
+    """The image and label files :func:`load_mnist` reads for ``split``: the ``.gz`` names,
+    else the same names without ``.gz``."""
+    if split not in _SPLIT_FILES:
+        raise DataError(f"load_mnist: split must be 'train' or 'test', got {split!r}")
+    images_stem, labels_stem = _SPLIT_FILES[split]
+    return _find(Path(root), images_stem), _find(Path(root), labels_stem)
+
+
 def load_mnist(root: PathLike, split: str) -> tuple[np.ndarray, np.ndarray]:
     """Load the "train" or "test" split of MNIST (or Fashion-MNIST) from a folder.
 
     Looks for ``train-images-idx3-ubyte.gz`` / ``train-labels-idx1-ubyte.gz`` (``t10k-*`` for
-    "test"), falling back to the same names without ``.gz``. Checksums are not verified here;
-    use :func:`verify_manifest` for that.
+    "test"), falling back to the same names without ``.gz`` (:func:`mnist_files`). Checksums
+    are not verified here; use :func:`verify_manifest` for that.
 
     Returns:
         images: uint8 (N, 28, 28); labels: int64 (N,) in 0..9.
+
+    Raises:
+        DataError: besides what :func:`load_idx_pair` raises, images of another size than
+            28 x 28, which the models cannot read.
     """
-    if split not in _SPLIT_FILES:
-        raise DataError(f"load_mnist: split must be 'train' or 'test', got {split!r}")
-    root = Path(root)
-    images_stem, labels_stem = _SPLIT_FILES[split]
-    return load_idx_pair(_find(root, images_stem), _find(root, labels_stem), num_classes=10)
+    images_path, labels_path = mnist_files(root, split)
+    images, labels = load_idx_pair(images_path, labels_path, num_classes=10)
+    if images.shape[1:] != IMAGE_SHAPE:
+        raise DataError(f"{images_path}: images are {images.shape[1]}x{images.shape[2]}, "
+                        f"expected {IMAGE_SHAPE[0]}x{IMAGE_SHAPE[1]}")
+    return images, labels

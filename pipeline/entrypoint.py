@@ -1,10 +1,14 @@
 """The Hydra entry point shared by the stages: compose, validate, run the task, and end every
 expected failure in one line (``error: <what>``, exit 1); anything else keeps its traceback.
 
-``HYDRA_FULL_ERROR`` is set so that Hydra re-raises instead of printing its own multi-line
-report. In a sweep job (``-m``) of a stage that passes ``on_job_failure``, a failure is printed
-as ``error: job <n>: <what>``, recorded and not raised, so that the other jobs carry on; the
-sweep's end hook (pipeline.sweeps.callback) then names the failed jobs and exits non-zero.
+Before any work, every folder the stage will write or replace is checked
+(pipeline.output_paths): Hydra's own run and sweep folders as given on the command line before
+Hydra creates them, the configured outputs after composition. A read-only or full disk is a
+one-line error too. ``HYDRA_FULL_ERROR`` is set so that Hydra re-raises instead of printing its
+own multi-line report. In a sweep job (``-m``) of a stage that passes ``on_job_failure``, a
+failure is printed as ``error: job <n>: <what>``, recorded and not raised, so that the other
+jobs carry on; the sweep's end hook (pipeline.sweeps.callback) then names the failed jobs and
+exits non-zero.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ import logging
 import math
 import os
 import sys
+from pathlib import Path
 from typing import Callable, Iterator
 
 import hydra
@@ -22,8 +27,8 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
-from pipeline import interrupts, schema
-from pipeline.errors import exit_with_error, expected_errors, one_line
+from pipeline import files, interrupts, output_paths, schema
+from pipeline.errors import exit_with_error, is_expected, one_line
 from pipeline.paths import CONF_DIR
 
 Task = Callable[[DictConfig], "float | None"]
@@ -34,10 +39,46 @@ JobFailureHandler = Callable[[DictConfig, str], None]
 def _reported() -> Iterator[None]:
     try:
         yield
-    except expected_errors() as exc:
-        exit_with_error(exc)
     except KeyboardInterrupt:
         interrupts.run_hooks_and_exit()
+    except Exception as exc:
+        if not is_expected(exc):
+            raise  # a bug: keep its traceback
+        exit_with_error(exc)
+
+
+HYDRA_DIRS = ("hydra.run.dir", "hydra.sweep.dir", "hydra.sweep.subdir")
+# MLflow logs a store error with its SQL statement and a traceback before it raises it; the
+# raised error is what the stage reports, in one line (a read-only mlflow.db, say).
+QUIET_LOGGERS = ("mlflow.store.db.utils",)
+
+
+def check_hydra_dirs(argv: list[str]) -> None:
+    """Hydra's run and sweep folders given on the command line, checked before Hydra creates
+    them and writes its .hydra/ files and log there."""
+    from hydra._internal.utils import get_args_parser
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    overrides = get_args_parser().parse_known_args(argv)[0].overrides
+    for override in OverridesParser.create().parse_overrides(overrides):
+        if override.key_or_group in HYDRA_DIRS and isinstance(override.value(), str):
+            output_paths.check_hydra_dir(override.key_or_group, override.value())
+
+
+def check_outputs(config_name: str, cfg: DictConfig) -> None:
+    """What the stage will write: inside the output areas, replaceable, writable; then what a
+    killed run left beside it is removed."""
+    hydra = HydraConfig.get()
+    in_sweep = hydra.mode == RunMode.MULTIRUN
+    output_dir = Path(hydra.runtime.output_dir)
+    output_paths.check_hydra_dir("hydra.sweep.dir" if in_sweep else "hydra.run.dir",
+                                 str(output_dir))
+    outputs = output_paths.stage_outputs(config_name, cfg, output_dir if in_sweep else None)
+    for output in outputs:
+        output_paths.check_writable(output)
+    for output in outputs:
+        if output.replaced:
+            files.remove_leftovers(output.path)
 
 
 @contextlib.contextmanager
@@ -45,7 +86,7 @@ def _job_failure_recorded(cfg: DictConfig, on_job_failure: JobFailureHandler) ->
     try:
         yield
     except Exception as exc:
-        expected = isinstance(exc, expected_errors())
+        expected = is_expected(exc)
         error = one_line(exc) if expected else f"{type(exc).__name__}: {one_line(exc)}"
         num = HydraConfig.get().job.num
         if not expected:  # a bug: keep its traceback, in the job's log
@@ -72,16 +113,21 @@ def stage(config_name: str, on_job_failure: JobFailureHandler | None = None
             if in_sweep and on_job_failure is not None:
                 with _job_failure_recorded(cfg, on_job_failure):
                     schema.validate(cfg)
+                    check_outputs(config_name, cfg)
                     return task(cfg)
                 return math.inf
             with _reported():
                 schema.validate(cfg)
+                check_outputs(config_name, cfg)
                 return task(cfg)
 
         @functools.wraps(task)
         def main() -> float | None:
             os.environ["HYDRA_FULL_ERROR"] = "1"
+            for name in QUIET_LOGGERS:  # a filter: MLflow's logging setup resets levels
+                logging.getLogger(name).addFilter(lambda record: False)
             with _reported():
+                check_hydra_dirs(sys.argv[1:])
                 return hydra_app()
 
         return main

@@ -6,6 +6,7 @@ dependency order: any module may raise these; only entry points decide how to ex
 
 from __future__ import annotations
 
+import errno
 import logging
 import re
 import sys
@@ -27,6 +28,21 @@ class ConfigError(ValueError):
 
 class MissingInputError(RuntimeError):
     """A file an earlier stage should have written is missing or unreadable."""
+
+
+# OS errors that come from the machine, not from the code: a read-only or full disk, missing
+# permissions. Any other OSError (no such file where the code expected one, say) is a bug.
+ENVIRONMENT_ERRNOS = frozenset({errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC,
+                                errno.EDQUOT, errno.EIO, errno.EMFILE, errno.ENFILE})
+
+
+def is_environmental(exc: BaseException) -> bool:
+    return isinstance(exc, OSError) and exc.errno in ENVIRONMENT_ERRNOS
+
+
+def is_expected(exc: BaseException) -> bool:
+    """An error a user or the machine can cause: shown in one line, no traceback."""
+    return isinstance(exc, expected_errors()) or is_environmental(exc)
 
 
 def expected_errors() -> tuple[type[BaseException], ...]:
@@ -59,13 +75,26 @@ def one_line(exc: BaseException) -> str:
     """Describe an error in one line; OmegaConf errors are given as '<full key>: <reason>'."""
     cause = exc.__cause__ if isinstance(exc.__cause__, OmegaConfBaseException) else exc
     if isinstance(cause, OmegaConfBaseException) and getattr(cause, "full_key", None):
-        text = f"config error: {cause.full_key}: {cause.msg}"
+        # (the message's own 'full_key: ... object_type=...' trailer repeats the key)
+        text = f"config error: {cause.full_key}: {cause.msg.split('full_key:')[0]}"
     elif isinstance(exc, (ConfigError, HydraException, OmegaConfBaseException)):
         text = f"config error: {str(exc).split('Config search path')[0]}"
         text += _launcher_hint(text)
+    elif isinstance(exc, OSError) and exc.strerror:
+        names = [str(name) for name in (exc.filename, exc.filename2) if name is not None]
+        text = ": ".join([*names, exc.strerror])
     else:
-        text = str(exc) or type(exc).__name__
+        text = _without_sql(str(exc)) or type(exc).__name__
     return " ".join(text.split())
+
+
+def _without_sql(text: str) -> str:
+    """SQLAlchemy's errors (through MLflow) carry the statement, its parameters and a link
+    after the reason: '(sqlite3.OperationalError) attempt to write a readonly database
+    [SQL: INSERT ...] [parameters: ...] (Background on this error at: ...)'. Keep the reason
+    (without SQLAlchemy's advice on autoflush, which is about its own API)."""
+    text = re.split(r"\[SQL: |\(Background on this error at:", text, maxsplit=1)[0]
+    return re.sub(r"\(raised as a result of Query-invoked autoflush;[^)]*\)", "", text)
 
 
 def exit_with_error(exc: BaseException) -> None:

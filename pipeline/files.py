@@ -1,22 +1,102 @@
-"""Writing outputs so that a failure never leaves half of one: files are written under a
-temporary name and renamed into place, folders are built in a staging folder and swapped in
-whole (:func:`publish_dir`). Unchanged arrays give byte-identical .npz files, so they keep
-their DVC hash.
+"""Writing outputs so that a failure never leaves half of one, and nothing lands outside the
+outputs: files are written under a temporary name and renamed into place, folders are built in
+a staging folder and swapped in whole (:func:`publish_dir`), which marks them as the
+pipeline's. Both check the target first (pipeline.output_paths), remove what a killed run left
+beside it, and turn a full or read-only disk into a one-line error naming the target.
+Unchanged arrays give byte-identical .npz files, so they keep their DVC hash.
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
+import re
 import shutil
+import socket
 import tempfile
 from pathlib import Path
 from typing import Any, Iterator, Mapping
 
 import numpy as np
 
-from pipeline.errors import MissingInputError
+from pipeline import output_paths
+from pipeline.errors import MissingInputError, StageError, is_environmental
+
+MARKER_TEXT = ("Written by the birnn pipeline (pipeline/files.py): a stage may replace this "
+               "folder whole.\n")
+
+# Temporary names carry their writer (process id and a hash of the host name), so that the
+# next run can tell a killed writer's leftovers from a live one's:
+#   .<target>.new.<pid>.<host>.<random>               staging folder
+#   .<target>.old.<pid>.<host>.<random>               the replaced folder on its way out
+#   .<target>.<pid>.<host>.<random>.tmp<suffix>       a file being written
+# (and the same without <pid>.<host>., as written before names carried them).
+_HOST = hashlib.sha1(socket.gethostname().encode()).hexdigest()[:8]
+_RANDOM = r"[a-z0-9_]{8}"  # tempfile's random part
+
+
+def _owner() -> str:
+    return f"{os.getpid()}.{_HOST}"
+
+
+def _alive(pid: int, host: str) -> bool:
+    if host != _HOST:  # another machine's (a shared filesystem): it may still be running
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
+def remove_leftovers(target: Path) -> None:
+    """Delete the temporary files and folders that killed writers of ``target`` left beside
+    it. A replaced folder that was moved aside but not yet deleted is put back first if
+    ``target`` itself is missing (the kill came between the two renames)."""
+    pattern = re.compile(rf"^\.{re.escape(target.name)}\.(new\.|old\.)?"
+                         rf"(?:(\d+)\.([0-9a-f]{{8}})\.)?{_RANDOM}(\.tmp.*)?$")
+    try:
+        siblings = list(target.parent.iterdir())
+    except (FileNotFoundError, NotADirectoryError):
+        return
+    for path in siblings:
+        match = pattern.match(path.name)
+        if match is None or bool(match.group(1)) == bool(match.group(4)):
+            continue  # not ours: a folder name needs new/old, a file name .tmp
+        if match.group(2) and _alive(int(match.group(2)), match.group(3)):
+            continue
+        if match.group(1) == "old." and (path / target.name).is_dir() and not target.exists():
+            os.replace(path / target.name, target)
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def _writing(target: Path) -> Iterator[None]:
+    """A full or read-only disk, or a missing permission, while writing ``target`` (or its
+    temporary names beside it): a one-line error naming ``target``."""
+    try:
+        yield
+    except OSError as exc:
+        where = Path(exc.filename) if exc.filename else None
+        if not is_environmental(exc) or (where is not None
+                                         and target.parent not in where.parents):
+            raise
+        raise StageError(f"{_published(target)}: cannot write: {exc.strerror}") from None
+
+
+def _published(path: Path) -> Path:
+    """Where ``path`` will be once its folder is published: the name a user knows."""
+    for staging, target in output_paths.staging_folders.items():
+        if staging == path or staging in path.parents:
+            return target / path.relative_to(staging)
+    return path
 
 
 def read_json(path: Path, hint: str = "run the earlier stages first (dvc repro)") -> Any:
@@ -31,16 +111,19 @@ def read_json(path: Path, hint: str = "run the earlier stages first (dvc repro)"
 @contextlib.contextmanager
 def atomic_path(target: str | os.PathLike, suffix: str = "") -> Iterator[Path]:
     """Yield a temporary path next to ``target``; on success move it onto ``target``."""
-    target = Path(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=f".tmp{suffix}",
-                               dir=target.parent)
-    os.close(fd)
+    target = output_paths.resolve("output file", target)
+    with _writing(target):
+        remove_leftovers(target)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.{_owner()}.", suffix=f".tmp{suffix}",
+                                   dir=target.parent)
+        os.close(fd)
     tmp_path = Path(tmp)
     try:
-        yield tmp_path
-        os.chmod(tmp_path, 0o644)  # mkstemp makes files private; outputs are ordinary files
-        os.replace(tmp_path, target)
+        with _writing(target):
+            yield tmp_path
+            os.chmod(tmp_path, 0o644)  # mkstemp makes files private; outputs are ordinary files
+            os.replace(tmp_path, target)
     finally:
         tmp_path.unlink(missing_ok=True)
 
@@ -66,10 +149,9 @@ def _replace_dir(staging: Path, target: Path) -> None:
 
     Two renames: the old folder is moved aside, the new one moved in, the old one deleted.
     """
-    target.parent.mkdir(parents=True, exist_ok=True)
     old = None
     if target.exists():
-        old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old.", dir=target.parent))
+        old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old.{_owner()}.", dir=target.parent))
         os.replace(target, old / target.name)
     os.replace(staging, target)
     if old is not None:
@@ -79,14 +161,23 @@ def _replace_dir(staging: Path, target: Path) -> None:
 @contextlib.contextmanager
 def publish_dir(target: str | os.PathLike) -> Iterator[Path]:
     """Yield an empty folder next to ``target``; on success it replaces ``target`` whole,
-    on failure it is deleted and ``target`` is left as it was."""
-    target = Path(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.new.", dir=target.parent))
+    marked as the pipeline's (output_paths.MARKER); on failure it is deleted and ``target``
+    is left as it was. A non-empty ``target`` the pipeline did not write is refused."""
+    target = output_paths.resolve("output folder", target)
+    output_paths.check_replaceable("output folder", target)
+    with _writing(target):
+        remove_leftovers(target)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.new.{_owner()}.",
+                                        dir=target.parent))
+    output_paths.staging_folders[staging] = target
     try:
-        yield staging
-        os.chmod(staging, 0o755)  # mkdtemp makes folders private
-        _replace_dir(staging, target)
+        with _writing(target):
+            yield staging
+            (staging / output_paths.MARKER).write_text(MARKER_TEXT, encoding="utf-8")
+            os.chmod(staging, 0o755)  # mkdtemp makes folders private
+            _replace_dir(staging, target)
     finally:
+        output_paths.staging_folders.pop(staging, None)
         if staging.exists():
             shutil.rmtree(staging, ignore_errors=True)

@@ -28,3 +28,15 @@ def tracking_root() -> Path:
     keeps every run in one database instead of one per throw-away copy.
     """
     return Path(os.environ.get("DVC_ROOT") or PROJECT_ROOT).resolve()
+
+
+def portable(text: str) -> str:
+    """``text`` with the absolute path of the project root (and of DVC_ROOT's) made relative to
+    it: ``sqlite:////home/me/birnn/mlflow.db`` becomes ``sqlite:///mlflow.db``. What a stage
+    writes must not depend on where the checkout is: a DVC-cached file would differ in every
+    clone, and every stage after it would rerun."""
+    roots = {str(root).rstrip("/") for root in (PROJECT_ROOT, PROJECT_ROOT.resolve(),
+                                                tracking_root())}
+    for root in sorted(roots, key=len, reverse=True):  # a DVC copy lies inside DVC_ROOT
+        text = text.replace(root + "/", "")
+    return text

@@ -1,19 +1,23 @@
 """The prepared dataset on disk: data/prepared/{train,val,test}.npz and meta.json.
 
 Images are kept as uint8 (8x smaller than float64) and scaled at load time; meta.json records
-the split and the sha256 of every file, which :func:`load` verifies.
+the split and the sha256 of every file, which :func:`load` verifies, and then what the hash
+cannot vouch for: an archive that opens, uint8 images of 28 x 28, labels 0..9, the recorded
+count (a file rewritten with its hash updated passes the hash).
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import zipfile
+import zlib
 from pathlib import Path
 from typing import Mapping
 
 import numpy as np
 
-from birnn.data import DataError, sha256_file
+from birnn.data import IMAGE_SHAPE, DataError, check_label_range, sha256_file
 from pipeline import files
 
 SPLITS = ("train", "val", "test")
@@ -54,6 +58,21 @@ def fingerprint(meta: dict) -> str:
     return hashlib.sha256(listing.encode()).hexdigest()
 
 
+def check_arrays(path: Path, images: np.ndarray, labels: np.ndarray,
+                 count: int | None = None) -> None:
+    """What the training and testing code assumes of a split, checked where it is read."""
+    if images.dtype != np.uint8 or images.ndim != 3 or images.shape[1:] != IMAGE_SHAPE:
+        raise DataError(f"{path}: images are {images.dtype} {images.shape}, expected uint8 "
+                        f"(N, {IMAGE_SHAPE[0]}, {IMAGE_SHAPE[1]}): rerun the prepare stage")
+    if not np.issubdtype(labels.dtype, np.integer) or labels.shape != (len(images),):
+        raise DataError(f"{path}: labels are {labels.dtype} {labels.shape}, expected integers "
+                        f"({len(images)},): rerun the prepare stage")
+    if count is not None and len(images) != count:
+        raise DataError(f"{path}: {len(images)} samples, meta.json records {count}: "
+                        "rerun the prepare stage")
+    check_label_range(labels, 10, where=str(path))
+
+
 def load(folder: Path, split: str, meta: dict, limit: int | None = None
          ) -> tuple[np.ndarray, np.ndarray]:
     """Images uint8 (N, 28, 28) and labels int64 (N,) of one split, checksum-verified.
@@ -69,8 +88,10 @@ def load(folder: Path, split: str, meta: dict, limit: int | None = None
     try:
         with np.load(path, allow_pickle=False) as archive:
             images, labels = archive["images"], archive["labels"]
-    except (OSError, ValueError, KeyError) as exc:
-        raise DataError(f"{path}: unreadable: {exc}") from None
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile, zlib.error) as exc:
+        reason = " ".join(str(exc).split()) or type(exc).__name__
+        raise DataError(f"{path}: unreadable: {reason}: rerun the prepare stage") from None
+    check_arrays(path, images, labels, meta.get("counts", {}).get(split))
     if limit is not None:
         images, labels = images[:limit], labels[:limit]
     return images, labels

@@ -6,11 +6,12 @@ line naming the full key (docs/architecture.md, "Configuration").
 from __future__ import annotations
 
 import math
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional
 
 from hydra.core.config_store import ConfigStore
-from omegaconf import MISSING, DictConfig
+from omegaconf import MISSING, DictConfig, OmegaConf
 
 import birnn.models
 from pipeline.errors import ConfigError
@@ -161,6 +162,16 @@ class FindingsStage:
     tuned: Finding = field(default_factory=Finding)  # a tuned bi net against the book's
 
 
+def _open_milestones(model_type: type) -> DictConfig:
+    """The model schema with ``lr_milestones`` open to new epochs: Hydra puts the whole config
+    in struct mode, which would otherwise lock the dict to the epochs its YAML lists, so that
+    ``model.lr_milestones={1:0.1}`` failed with "Key '1' is not in struct" (its keys are still
+    typed: int)."""
+    node = OmegaConf.structured(model_type)
+    OmegaConf.set_struct(node.lr_milestones, False)
+    return node
+
+
 def register() -> None:
     cs = ConfigStore.instance()
     cs.store(name="prepare_stage_schema", node=PrepareStage)
@@ -171,8 +182,8 @@ def register() -> None:
     cs.store(name="findings_schema", node=FindingsStage)
     # Group schemas live under schema/ so that they are not listed as options of the groups;
     # an option pulls in its schema with `- /schema/<name>@_here_` in its defaults list.
-    cs.store(group="schema", name="model_uni", node=UniModelConfig)
-    cs.store(group="schema", name="model_bi", node=BiModelConfig)
+    cs.store(group="schema", name="model_uni", node=_open_milestones(UniModelConfig))
+    cs.store(group="schema", name="model_bi", node=_open_milestones(BiModelConfig))
     cs.store(group="schema", name="data", node=DataConfig)
     cs.store(group="schema", name="train", node=TrainConfig)
     cs.store(group="schema", name="tracking", node=TrackingConfig)
@@ -187,16 +198,44 @@ def _fail(key: str, rule: str, value: Any) -> None:
     raise ConfigError(f"{key}: {rule}, got {value!r}")
 
 
+def _positive(key: str, value: float) -> None:
+    if not (math.isfinite(value) and value > 0):  # inf would pass '> 0', nan fails it silently
+        _fail(key, "must be a finite number > 0", value)
+
+
+def _plain_name(key: str, value: Any) -> None:
+    """A folder name under an output folder (models/<name>/): never a path."""
+    name = str(value)
+    if (not name.strip() or name in (".", "..") or name.startswith(".")
+            or any(sep in name for sep in ("/", "\\", "\0"))):
+        _fail(key, "must be a plain folder name (no '/', not empty, not starting with '.')",
+              value)
+
+
+def _reject_unknown_keys(node: DictConfig, prefix: str = "") -> None:
+    """Keys the schema's dataclasses do not declare. Struct mode rejects them at composition,
+    except those added with '+' (``+model.hiden_size=8``), which Hydra lets through."""
+    schema_type = OmegaConf.get_type(node)
+    known = ({f.name for f in dataclasses.fields(schema_type)}
+             if dataclasses.is_dataclass(schema_type) else None)
+    for key in node:
+        if known is not None and key not in known:
+            raise ConfigError(f"{prefix}{key}: no such key in the schema (pipeline/schema.py): "
+                              f"{prefix.rstrip('.') or 'the config'} has "
+                              f"{', '.join(sorted(known))}")
+        child = node._get_node(key)
+        if isinstance(child, DictConfig) and not child._is_missing() and not child._is_none():
+            _reject_unknown_keys(child, f"{prefix}{key}.")
+
+
 def _validate_model(model: DictConfig) -> None:
     if model.kind not in MODEL_KINDS:
         _fail("model.kind", f"must be one of {', '.join(MODEL_KINDS)}", model.kind)
-    if not model.lr > 0:
-        _fail("model.lr", "must be > 0", model.lr)
+    _positive("model.lr", model.lr)
     for epoch, lr in model.lr_milestones.items():
         if not (isinstance(epoch, int) and epoch >= 0):
             _fail("model.lr_milestones", "epochs must be integers >= 0", epoch)
-        if not lr > 0:
-            _fail(f"model.lr_milestones.{epoch}", "must be > 0", lr)
+        _positive(f"model.lr_milestones.{epoch}", lr)
     if model.kind == "uni":
         if not model.hidden_size >= 1:
             _fail("model.hidden_size", "must be >= 1", model.hidden_size)
@@ -238,8 +277,9 @@ def _validate_tracking(tracking: DictConfig) -> None:
     if not tracking.probe_timeout_seconds >= 1:
         _fail("tracking.probe_timeout_seconds", "must be >= 1",
               tracking.probe_timeout_seconds)
-    if not tracking.flush_every_seconds >= 0:
-        _fail("tracking.flush_every_seconds", "must be >= 0", tracking.flush_every_seconds)
+    if not (math.isfinite(tracking.flush_every_seconds) and tracking.flush_every_seconds >= 0):
+        _fail("tracking.flush_every_seconds", "must be a finite number >= 0",
+              tracking.flush_every_seconds)
     if not str(tracking.experiment_name).strip():
         _fail("tracking.experiment_name", "must not be empty", tracking.experiment_name)
 
@@ -281,6 +321,7 @@ def validate(cfg: DictConfig) -> DictConfig:
 
     Only the sections present are checked, so one function serves every stage.
     """
+    _reject_unknown_keys(cfg)
     if "model" in cfg:
         _validate_model(cfg.model)
     if "train" in cfg:
@@ -297,6 +338,10 @@ def validate(cfg: DictConfig) -> DictConfig:
         if not cfg.models:
             _fail("models", "must name at least one model", list(cfg.models))
         for name in cfg.models:
-            if not str(name).strip() or "/" in str(name):
-                _fail("models", "entries must be plain directory names", name)
+            _plain_name("models", name)
+    if "name" in cfg:
+        _plain_name("name", cfg.name)
+    if "sweep" in cfg and not OmegaConf.is_missing(cfg, "sweep"):  # reports/sweeps/<id>/
+        for identifier in (cfg.sweep if OmegaConf.is_list(cfg.sweep) else [cfg.sweep]):
+            _plain_name("sweep", identifier)
     return cfg

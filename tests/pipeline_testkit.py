@@ -1,4 +1,8 @@
-"""Helpers for the pipeline tests: running stages as subprocesses, copying the project."""
+"""Helpers for the pipeline tests: running stages as subprocesses, copying the project.
+
+Commands run in the working directory the test session set (tests/conftest.py: a temporary
+folder), so Hydra's outputs/ and MLflow's mlruns/ never land in the checkout.
+"""
 
 from __future__ import annotations
 
@@ -28,7 +32,7 @@ def clean_env(**extra: str) -> dict[str, str]:
     return env
 
 
-def run(args: list[str], cwd: Path = ROOT, timeout: float = 300, **env: str
+def run(args: list[str], cwd: Path | None = None, timeout: float = 300, **env: str
         ) -> subprocess.CompletedProcess:
     return subprocess.run(args, cwd=cwd, env=clean_env(**env), capture_output=True, text=True,
                           timeout=timeout)
@@ -37,8 +41,8 @@ def run(args: list[str], cwd: Path = ROOT, timeout: float = 300, **env: str
 STAGES = ("prepare", "train", "evaluate", "compare")
 
 
-def stage(module: str, *overrides: str, cwd: Path = ROOT, timeout: float = 300, **env: str
-          ) -> subprocess.CompletedProcess:
+def stage(module: str, *overrides: str, cwd: Path | None = None, timeout: float = 300,
+          **env: str) -> subprocess.CompletedProcess:
     """``python -m pipeline.stages.<stage> <overrides>`` (``module`` a stage's name), or
     ``python -m pipeline.<module>`` (``sweeps.report``), through the real entry point."""
     name = f"pipeline.stages.{module}" if module in STAGES else f"pipeline.{module}"

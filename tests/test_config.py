@@ -80,6 +80,16 @@ def test_quick_preset_shrinks_training_only(compose_cfg):
     ("prepare", ["data.val_fraction=-0.1"], "data.val_fraction"),
     ("evaluate", ["models=[]"], "models"),
     ("compare", ["tracking.probe_timeout_seconds=0"], "tracking.probe_timeout_seconds"),
+    ("train", ["model.lr=inf"], "model.lr"),  # passes '> 0', then every loss is nan
+    ("train", ["model.lr=nan"], "model.lr"),
+    ("train", ["model=bi", "model.lr_milestones={30:inf}"], "model.lr_milestones.30"),
+    ("compare", ["tracking.flush_every_seconds=inf"], "tracking.flush_every_seconds"),
+    ("train", ["name=.."], "name"),  # models/<name>/ is replaced whole: never a path
+    ("train", ["name=a/b"], "name"),
+    ("train", ["name=''"], "name"),
+    ("evaluate", ["models=[uni,..]"], "models"),
+    ("sweep_report", ["sweep=../../data"], "sweep"),  # reports/sweeps/<id>/
+    ("sweep_report", ["sweep=[a,.hidden]"], "sweep"),
 ])
 def test_impossible_value_fails_naming_the_key(compose_cfg, name, overrides, key):
     cfg = compose_cfg(name, *overrides)
@@ -109,6 +119,28 @@ def test_unknown_key_or_wrong_type_fails_at_composition(compose_cfg, name, overr
     assert message.startswith(f"config error: {key}: "), message
 
 
+@pytest.mark.parametrize("override, key", [
+    ("+model.hiden_size=8", "model.hiden_size"),
+    ("+learning_rate=0.1", "learning_rate"),
+    ("+train.epoch=3", "train.epoch"),
+    ("+tracking.password=x", "tracking.password"),
+])
+def test_a_key_added_with_plus_is_rejected_like_any_unknown_key(compose_cfg, override, key):
+    cfg = compose_cfg("train", override)  # '+' gets past struct mode at composition
+    with pytest.raises(ConfigError) as info:
+        schema.validate(cfg)
+    assert one_line(info.value).startswith(f"config error: {key}: no such key in the schema")
+
+
+def test_a_learning_rate_milestone_can_be_added_to_either_model(compose_cfg):
+    uni = compose_cfg("train", "model.lr_milestones={1:0.1}")
+    assert dict(schema.validate(uni).model.lr_milestones) == {1: 0.1}
+    bi = compose_cfg("train", "model=bi", "model.lr_milestones={1:0.1}")  # merged in
+    assert dict(bi.model.lr_milestones) == {30: 0.008, 50: 0.005, 70: 0.002, 1: 0.1}
+    with pytest.raises(ConfigCompositionException):  # epochs stay integers
+        compose_cfg("train", "model.lr_milestones={ten:0.1}")
+
+
 def test_unknown_group_option_is_named(compose_cfg):
     with pytest.raises(ConfigCompositionException) as info:
         compose_cfg("train", "model=lstm")
@@ -120,6 +152,8 @@ def test_unknown_group_option_is_named(compose_cfg):
 @pytest.mark.parametrize("overrides, start", [
     (["train.epochs=0"], "error: config error: train.epochs: must be >= 1, got 0"),
     (["model.hiden_size=8"], "error: config error: model.hiden_size: "),
+    (["+model.hiden_size=8"], "error: config error: model.hiden_size: no such key"),
+    (["model.lr=inf"], "error: config error: model.lr: must be a finite number > 0, got inf"),
 ])
 def test_entry_point_reports_bad_config_in_one_line(overrides, start):
     result = stage("train", *overrides, timeout=60)

@@ -136,7 +136,8 @@ def test_raw_idx_reads_identically_to_gz(tmp_path, images, labels):
     assert read_idx(tmp_path / "lab.idx").dtype == np.int64
 
 
-def test_load_mnist_accepts_unzipped_names(tmp_path, images, labels):
+def test_load_mnist_accepts_unzipped_names(tmp_path, labels):
+    images = np.random.default_rng(1).integers(0, 256, size=(5, 28, 28), dtype=np.uint8)
     write(tmp_path / "t10k-images-idx3-ubyte", idx_bytes(images))
     write(tmp_path / "t10k-labels-idx1-ubyte", idx_bytes(labels))
     got_images, got_labels = load_mnist(tmp_path, "test")

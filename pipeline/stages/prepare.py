@@ -13,7 +13,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig
 
-from birnn.data import load_mnist, sha256_file, shuffle_split, verify_manifest
+from birnn.data import load_mnist, mnist_files, sha256_file, shuffle_split, verify_manifest
 from pipeline import files, prepared_data
 from pipeline.entrypoint import stage
 from pipeline.errors import StageError
@@ -23,15 +23,17 @@ log = logging.getLogger(__name__)
 
 
 def raw_checksums(data: DictConfig, raw_dir: Path) -> dict:
-    """Verify the manifest if one is configured; else record the checksums computed."""
+    """Verify the manifest if one is configured (it must list exactly the files read); else
+    record the checksums of the files read."""
+    read = sorted(path for split in ("train", "test") for path in mnist_files(raw_dir, split))
     if data.manifest:
         manifest = project_path(data.manifest)
         log.info("verifying %s", manifest)
         return {"verified_against": str(data.manifest),
-                "sha256": verify_manifest(manifest, root=raw_dir)}
+                "sha256": verify_manifest(manifest, root=raw_dir,
+                                          files=[path.name for path in read])}
     log.info("no manifest configured for %s: recording the checksums computed", data.name)
-    found = sorted(p for p in raw_dir.iterdir() if p.is_file() and "-ubyte" in p.name)
-    return {"verified_against": None, "sha256": {p.name: sha256_file(p) for p in found}}
+    return {"verified_against": None, "sha256": {path.name: sha256_file(path) for path in read}}
 
 
 def prepare(cfg: DictConfig) -> None:

@@ -31,7 +31,7 @@ from birnn.training import LRSchedule, TrainResult, TrainSettings, train
 from pipeline import files, prepared_data, schema, scoring
 from pipeline.entrypoint import stage
 from pipeline.metric_names import CHECKPOINT_METRICS, CHECKPOINT_RENAMES, SUMMARY_METRICS
-from pipeline.paths import project_path
+from pipeline.paths import portable, project_path
 from pipeline.sweeps import job as sweep_job
 from pipeline.tracking import logged_model, metrics, runs, store
 
@@ -119,7 +119,8 @@ def save_model_files(folder, model: RNNClassifier, result: TrainResult, cfg: Dic
     model.save(folder / "best.npz")
     model.set_params(result.last_params)
     model.save(folder / "last.npz")
-    (folder / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True), encoding="utf-8")
+    (folder / "config.yaml").write_text(portable(OmegaConf.to_yaml(cfg, resolve=True)),
+                                        encoding="utf-8")
 
 
 def log_best_model(client, run_id: str, cfg: DictConfig, model_file, example, job) -> dict:
@@ -226,7 +227,7 @@ def train_task(cfg: DictConfig) -> float:
             files.write_json(staging / "run.json", {
                 "run_id": run_id, "run_name": run_name,
                 "experiment_id": client.get_run(run_id).info.experiment_id,
-                "tracking_uri": client.tracking_uri, **found, "model": model.config,
+                "tracking_uri": portable(client.tracking_uri), **found, "model": model.config,
                 "dataset": meta["dataset"], "data_sha256": prepared_data.fingerprint(meta)})
             history.to_csv(staging / "history.csv", index=False)  # logged with the model files
             client.log_artifacts(run_id, str(staging))

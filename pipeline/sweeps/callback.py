@@ -58,11 +58,7 @@ class SweepCallback(Callback):
             schema.validate(OmegaConf.create({"tracking": config.tracking}))
             client = store.connect(config.tracking)
             self.sweep_id = sweep.sweep_id(config.hydra.sweep.dir)
-            existing = sweep.find_parent(client, self.sweep_id)
-            if existing is not None:
-                raise StageError(f"sweep {self.sweep_id!r} already exists (parent run "
-                                 f"{existing.info.run_id}): give this sweep its own "
-                                 "hydra.sweep.dir")
+            sweep.check_new_sweep(client, self.sweep_id, config.hydra.sweep.dir)
             experiment = store.experiment_id(client, config.tracking.experiment_name)
             choices = config.hydra.runtime.choices
             defining = sweep.sweep_overrides(config.hydra)  # an Optuna search space, too
@@ -136,8 +132,8 @@ class SweepCallback(Callback):
         if not not_finished and not unrecorded:
             client.set_terminated(self.parent_run_id, "FINISHED")
             return (f"sweep {self.sweep_id}: {jobs} jobs finished, {timing}; parent run "
-                    f"{self.parent_run_id}; report: python -m pipeline.sweeps.report "
-                    f"sweep={self.sweep_id}"), False
+                    f"{self.parent_run_id}; report: "
+                    f"{sweep.report_command([self.sweep_id])}"), False
         swept = json.loads(parent.data.tags.get(sweep.SWEPT_TAG, "[]"))
         problems = [f"{_job_label(run, swept)} {run.info.status}: "
                     f"{run.data.tags.get(runs.ERROR_TAG, 'no error recorded')}"

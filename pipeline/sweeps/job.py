@@ -2,13 +2,16 @@
 tags that group a sweep's runs and nest them under its parent run.
 
 The sweep id is the configured ``hydra.sweep.dir`` without a leading ``multirun/``, ``/``
-replaced by ``_`` (docs/architecture.md, "Sweeps").
+replaced by ``_`` (docs/architecture.md, "Sweeps"). Ids are plain folder names (letters, digits,
+``.``, ``_``, ``-``) that a shell and Hydra read back unchanged; two sweep folders that give
+one id are refused.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import re
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
@@ -30,15 +33,71 @@ SEARCH_SPACE_TAG = "search_space"  # on a search's parent: JSON of hydra.sweeper
 SAMPLER_TAG = "search_sampler"  # on a search's parent: 'TPESampler seed=0 ...'
 
 
+# A sweep id names reports/sweeps/<id>/ and goes into MLflow filter strings and the printed
+# report command: no path separator, no quote, no '..', nothing a shell would expand.
+_ID = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]*")
+
+
+def _id_problem(identifier: str) -> str | None:
+    if not identifier:
+        return "is empty"
+    if ".." in identifier:
+        return "contains '..'"
+    if "/" in identifier or "\\" in identifier:
+        return "contains a path separator"
+    if not _ID.fullmatch(identifier):
+        return "has characters other than letters, digits, '.', '_', '-', or starts with '.'"
+    return None
+
+
 def sweep_id(sweep_dir: str) -> str:
     parts = [part for part in PurePosixPath(str(sweep_dir)).parts if part not in ("/", ".")]
+    if ".." in parts:
+        raise StageError(f"hydra.sweep.dir: {sweep_dir!r} contains '..': name the sweep's "
+                         "folder directly")
     if len(parts) > 1 and parts[0] == "multirun":
         parts = parts[1:]
     identifier = "_".join(parts)
-    if not identifier or "'" in identifier or '"' in identifier:
-        raise StageError(f"hydra.sweep.dir: {sweep_dir!r} gives no usable sweep id "
-                         "(it must be a non-empty path without quotes)")
+    problem = _id_problem(identifier)
+    if problem:
+        raise StageError(f"hydra.sweep.dir: {sweep_dir!r} gives no usable sweep id: "
+                         f"{identifier!r} {problem}")
     return identifier
+
+
+def check_new_sweep(client, identifier: str, sweep_dir: str) -> None:
+    """Refuse an id already taken: by an earlier sweep in the same folder, or by one in another
+    folder that gives the same id (``multirun/a/b`` and ``multirun/a_b`` both give ``a_b``)."""
+    existing = find_parent(client, identifier)
+    if existing is None:
+        return
+    theirs = existing.data.tags.get("sweep_dir")
+    if theirs and theirs != str(Path(sweep_dir).resolve()):
+        raise StageError(f"hydra.sweep.dir: {sweep_dir!r} gives the sweep id {identifier!r}, "
+                         f"already taken by the sweep in {theirs} (parent run "
+                         f"{existing.info.run_id}): choose another hydra.sweep.dir")
+    raise StageError(f"sweep {identifier!r} already exists (parent run "
+                     f"{existing.info.run_id}): give this sweep its own hydra.sweep.dir")
+
+
+def _for_hydra(identifier: str) -> str:
+    """``identifier`` as a Hydra value that reads back as this string: quoted if Hydra would
+    read it as something else (``007`` as the int 7, ``1e3``, ``true``, ``null``)."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    value = OverridesParser.create().parse_override(f"sweep={identifier}").value()
+    return identifier if value == identifier and isinstance(value, str) else f"'{identifier}'"
+
+
+def report_command(sweep_ids: list[str]) -> str:
+    """The command that reports these sweeps, quoted so that it works when pasted."""
+    values = [_for_hydra(identifier) for identifier in sweep_ids]
+    override = "sweep=" + (values[0] if len(values) == 1 else f"[{','.join(values)}]")
+    if "'" in override:
+        override = f'"{override}"'
+    elif "[" in override:
+        override = f"'{override}'"
+    return f"python -m pipeline.sweeps.report {override}"
 
 
 def override_key(override: str) -> str:
@@ -110,11 +169,16 @@ def log_progress(client, identifier: str) -> None:
     log.info("sweep %s: %d of %s jobs done", identifier, len(done), total)
 
 
-def check_id(identifier: str, key: str = "sweep") -> str:
-    """A sweep id typed by a user, safe to put into an MLflow filter string."""
-    identifier = str(identifier).strip()
-    if not identifier or "'" in identifier or '"' in identifier:
-        raise StageError(f"{key}: {identifier!r} is not a sweep id (ids have no quotes)")
+def check_id(value, key: str = "sweep") -> str:
+    """A sweep id typed by a user: a plain folder name, safe to put into an MLflow filter
+    string and under reports/sweeps/."""
+    if not isinstance(value, str):  # Hydra read it as a number, a boolean or null
+        raise StageError(f"{key}: Hydra read {value!r} as {type(value).__name__}, not as a "
+                         f"sweep id: quote an id that looks like one (\"{key}='<id>'\")")
+    identifier = value.strip()
+    problem = _id_problem(identifier)
+    if problem:
+        raise StageError(f"{key}: {identifier!r} is not a sweep id: it {problem}")
     return identifier
 
 

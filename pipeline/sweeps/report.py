@@ -34,7 +34,7 @@ def requested_ids(value) -> list[str]:
     values = list(value) if isinstance(value, (list, ListConfig)) else [value]
     if not values or any(isinstance(v, (list, dict, ListConfig)) or v is None for v in values):
         raise StageError(f"sweep: must be a sweep id or a list of them, got {value!r}")
-    return [sweep.check_id(str(v)) for v in values]
+    return [sweep.check_id(v) for v in values]
 
 
 def check_both_models(found: sweep_runs.SweepRuns) -> None:
@@ -70,9 +70,7 @@ def describe_sweeps(found: sweep_runs.SweepRuns) -> list[dict]:
 
 
 def command(sweep_ids: list[str]) -> str:
-    value = sweep_ids[0] if len(sweep_ids) == 1 else f"[{','.join(sweep_ids)}]"
-    quote = "" if len(sweep_ids) == 1 else "'"
-    return f"python -m pipeline.sweeps.report {quote}sweep={value}{quote}"
+    return sweep.report_command(sweep_ids)
 
 
 def write_files(folder: Path, text: str, jobs, summary, diffs, figure) -> None:

@@ -1,0 +1,157 @@
+"""Where a stage may write, checked before any work starts (docs/architecture.md, "Safety").
+
+Every folder a stage writes into or replaces is resolved (symlinks followed, ``..`` removed)
+and must lie inside one of the project's output areas (models/, metrics/, evaluation/,
+reports/, data/prepared/, multirun/, outputs/), inside Hydra's own ``outputs/`` or
+``multirun/`` under the working directory, or under a folder listed in $BIRNN_OUTPUT_ROOTS
+(absolute paths separated by ``:``; the tests list their temporary folders there). A folder
+that a stage replaces whole must not exist, be empty, carry the marker that
+:func:`pipeline.files.publish_dir` leaves in what it writes, or be one of the places where the
+shipped configuration puts its outputs. Anything else is a one-line :class:`ConfigError`
+naming the key.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from pipeline.errors import ConfigError, StageError
+from pipeline import paths
+
+OUTPUT_AREAS = ("models", "metrics", "evaluation", "reports", "data/prepared", "multirun",
+                "outputs")
+HYDRA_AREAS = ("outputs", "multirun")  # Hydra's defaults, relative to the working directory
+ROOTS_ENV = "BIRNN_OUTPUT_ROOTS"
+MARKER = ".birnn-output"  # in every folder publish_dir writes; ignored by git and DVC
+
+# Where the shipped configuration writes whole folders. Outputs restored by DVC or git (and
+# those written before folders were marked) carry no marker; these places are ours anyway.
+DEFAULT_FOLDERS = ("data/prepared", "evaluation", "reports/table_19_12", "reports/findings")
+DEFAULT_PARENTS = ("models", "reports/sweeps")  # models/<name>/, reports/sweeps/<id>/
+
+
+# The staging folders of the outputs being written (files.publish_dir), and their targets:
+# beside a checked target, so outside an area when the target is one (data/.prepared.new.*).
+staging_folders: dict[Path, Path] = {}
+
+
+def allowed_roots() -> list[Path]:
+    roots = [paths.PROJECT_ROOT / area for area in OUTPUT_AREAS] + list(staging_folders)
+    roots += [Path.cwd() / area for area in HYDRA_AREAS]
+    for item in os.environ.get(ROOTS_ENV, "").split(os.pathsep):
+        if item.strip():
+            root = Path(item.strip()).expanduser()
+            if not root.is_absolute():
+                raise ConfigError(f"{ROOTS_ENV}: {item!r} is not an absolute path")
+            roots.append(root)
+    return [root.resolve() for root in roots]
+
+
+def _inside(path: Path, root: Path) -> bool:
+    return path == root or root in path.parents
+
+
+def resolve(key: str, value: str | os.PathLike, base: Path | None = None) -> Path:
+    """``value`` (relative to ``base``, by default the project root) resolved, if it lies
+    inside an output area; else a ConfigError naming ``key``."""
+    if not str(value).strip():
+        raise ConfigError(f"{key}: must not be empty")
+    path = (base / value if base is not None else paths.project_path(value)).resolve()
+    if not any(_inside(path, root) for root in allowed_roots()):
+        raise ConfigError(
+            f"{key}: {str(value)!r} resolves to {path}, outside the output folders "
+            f"({', '.join(a + '/' for a in OUTPUT_AREAS)} of the project; add a folder to "
+            f"${ROOTS_ENV} to write elsewhere)")
+    return path
+
+
+def _is_default_location(path: Path) -> bool:
+    root = paths.PROJECT_ROOT
+    return (any(path == (root / folder).resolve() for folder in DEFAULT_FOLDERS)
+            or any(path.parent == (root / parent).resolve() for parent in DEFAULT_PARENTS))
+
+
+def check_replaceable(key: str, path: Path) -> None:
+    """A folder a stage is about to replace whole: refuse one this pipeline did not write."""
+    if not path.exists() and not path.is_symlink():
+        return
+    if not path.is_dir():
+        raise ConfigError(f"{key}: {path} is a file, not an output folder: refusing to replace it")
+    if (path / MARKER).is_file() or _is_default_location(path) or not any(path.iterdir()):
+        return
+    raise ConfigError(f"{key}: {path} is a non-empty folder this pipeline did not write (no "
+                      f"{MARKER} in it): refusing to replace it; name a new or empty folder")
+
+
+def check_hydra_dir(key: str, value: str) -> None:
+    """``hydra.run.dir`` or ``hydra.sweep.dir`` as given on the command line, where Hydra
+    takes it: relative to the working directory. An interpolation (``${now:...}``) counts
+    from where it starts; ``hydra.sweep.subdir`` must stay inside the sweep's folder."""
+    if key == "hydra.sweep.subdir":
+        if Path(value).is_absolute() or ".." in Path(value).parts:
+            raise ConfigError(f"{key}: {value!r} must be a relative path without '..'")
+        return
+    literal = value.split("${")[0]
+    if literal == value:
+        resolve(key, value, base=Path.cwd())
+    else:  # the folder the literal part names (itself if it ends with '/')
+        resolve(key, (Path.cwd() / literal) if literal.endswith("/") or not literal
+                else (Path.cwd() / literal).parent, base=Path.cwd())
+
+
+def check_writable(output: Output) -> None:
+    """A read-only filesystem or a missing permission, found before the work rather than
+    after it: the nearest existing folder that the output's files will be created in."""
+    folder = output.path.parent if output.replaced else output.path
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    if not folder.is_dir():
+        raise ConfigError(f"{output.key}: {folder} is a file, not a folder")
+    if os.access(folder, os.W_OK):
+        return
+    read_only = bool(os.statvfs(folder).f_flag & os.ST_RDONLY)
+    raise StageError(f"{output.key}: {output.path}: cannot write: "
+                     f"{'read-only file system' if read_only else 'permission denied'} "
+                     f"({folder})")
+
+
+@dataclass(frozen=True)
+class Output:
+    key: str  # the configuration key the path comes from, for the error message
+    path: Path  # resolved
+    replaced: bool  # replaced whole (publish_dir), or only written into
+
+
+def _check(key: str, value, replaced: bool = False) -> Output:
+    output = Output(key, resolve(key, value), replaced)
+    if replaced:
+        check_replaceable(key, output.path)
+    return output
+
+
+def stage_outputs(config_name: str, cfg, job_dir: Path | None = None) -> list[Output]:
+    """Check what the stage ``config_name`` will write with ``cfg``; return it.
+
+    ``job_dir`` is a sweep job's own folder, where it writes instead of models/ and metrics/.
+    The folder names below are those the stages use (pipeline/stages/, pipeline/sweeps/).
+    """
+    configured = cfg.get("paths")
+    if config_name == "prepare":
+        return [_check("paths.prepared_dir", configured.prepared_dir, replaced=True)]
+    if config_name == "train" and job_dir is not None:
+        return [_check("hydra.sweep.dir", job_dir)]
+    if config_name == "train":
+        return [_check("paths.models_dir", Path(str(configured.models_dir)) / str(cfg.name),
+                       replaced=True),
+                _check("paths.metrics_dir", configured.metrics_dir)]
+    if config_name == "evaluate":
+        return [_check("paths.evaluation_dir", configured.evaluation_dir, replaced=True),
+                _check("paths.metrics_dir", configured.metrics_dir)]
+    if config_name == "compare":
+        return [_check("paths.reports_dir", Path(str(configured.reports_dir)) / "table_19_12",
+                       replaced=True)]
+    if configured is not None and "reports_dir" in configured:  # sweep reports, findings
+        return [_check("paths.reports_dir", configured.reports_dir)]
+    return []

@@ -1,0 +1,162 @@
+"""Every error a user or the machine can cause is one line: read-only and full filesystems, a
+read-only tracking store, and the OS errors behind them.
+
+The filesystem faults are real where the machine allows: each stage runs under
+``unshare --mount`` with a read-only bind mount or a tiny tmpfs that exist only for that
+command (root in a container, as CI runs). The mapping of OS errors is also tested in-process,
+by injecting them.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from mlflow.tracking import MlflowClient
+
+from pipeline import files, output_paths
+from pipeline.errors import StageError, is_expected, one_line
+from pipeline_testkit import TINY, clean_env, copy_project, error_lines
+
+
+def _can_mount() -> bool:
+    try:
+        return subprocess.run(["unshare", "--mount", "sh", "-c",
+                               "mount -t tmpfs -o size=64k tmpfs /mnt"],
+                              capture_output=True, timeout=30).returncode == 0
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+
+
+CAN_MOUNT = _can_mount()
+needs_mounts = pytest.mark.skipif(not CAN_MOUNT, reason="needs root for unshare --mount")
+
+
+def under_mounts(setup: list[str], module: str, *overrides: str, cwd: Path | None = None,
+                 after: str = "", **env: str) -> subprocess.CompletedProcess:
+    """``python -m <module> <overrides>`` after the shell commands ``setup`` (mounts), in a
+    private mount namespace; ``after`` runs once the stage has exited, in the same one."""
+    stage = shlex.join([sys.executable, "-m", module, *overrides])
+    script = " && ".join(setup) + f" && {{ {stage}; code=$?; {after or 'true'}; exit $code; }}"
+    return subprocess.run(["unshare", "--mount", "sh", "-c", script], cwd=cwd,
+                          env=clean_env(**env), capture_output=True, text=True, timeout=300)
+
+
+def read_only(path: Path) -> list[str]:
+    return [f"mount --bind {shlex.quote(str(path))} {shlex.quote(str(path))}",
+            f"mount -o remount,ro,bind {shlex.quote(str(path))}"]
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory) -> Path:
+    return copy_project(tmp_path_factory.mktemp("faults") / "project")
+
+
+# ----------------------------------------------------------------------------- real faults
+@needs_mounts
+def test_a_read_only_data_folder_stops_prepare_before_it_reads_anything(project):
+    result = under_mounts(read_only(project / "data"), "pipeline.stages.prepare", cwd=project)
+    assert result.returncode == 1
+    assert error_lines(result) == [
+        f"error: paths.prepared_dir: {project / 'data' / 'prepared'}: cannot write: read-only "
+        f"file system ({project / 'data'})"]
+    assert "reading" not in result.stdout + result.stderr
+
+
+@needs_mounts
+def test_a_read_only_reports_folder_stops_compare_in_one_line(project):
+    result = under_mounts(read_only(project / "reports"), "pipeline.stages.compare",
+                          cwd=project)
+    assert result.returncode == 1
+    assert error_lines(result) == [
+        f"error: paths.reports_dir: {project / 'reports' / 'table_19_12'}: cannot write: "
+        f"read-only file system ({project / 'reports'})"]
+    assert not (project / "mlflow.db").exists()  # stopped before it touched the store
+
+
+@needs_mounts
+def test_a_full_disk_is_one_line_naming_the_output_and_leaves_nothing(tmp_path):
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    result = under_mounts([f"mount -t tmpfs -o size=2m tmpfs {disk}"],
+                          "pipeline.stages.prepare", f"paths.prepared_dir={disk / 'prepared'}",
+                          after=f"echo left: $(ls -A {disk})")
+    assert result.returncode == 1
+    assert error_lines(result) == [
+        f"error: {disk / 'prepared' / 'train.npz'}: cannot write: No space left on device"]
+    assert result.stdout.splitlines()[-1] == "left:"  # the full disk, afterwards: empty
+
+
+@needs_mounts
+def test_a_read_only_tracking_store_is_one_line(tmp_path, prepared_dir):
+    db = tmp_path / "mlflow.db"
+    client = MlflowClient(f"sqlite:///{db}")
+    client.create_experiment("birnn-table-19-12", artifact_location=(tmp_path / "a").as_uri())
+    result = under_mounts(read_only(db), "pipeline.stages.train", *TINY,
+                          f"tracking.uri=sqlite:///{db}", f"paths.prepared_dir={prepared_dir}",
+                          f"paths.models_dir={tmp_path / 'models'}",
+                          f"paths.metrics_dir={tmp_path / 'metrics'}")
+    assert result.returncode == 1
+    assert error_lines(result) == [
+        "error: (sqlite3.OperationalError) attempt to write a readonly database"], result.stderr
+
+
+# ----------------------------------------------------------------------------- injected
+@pytest.mark.parametrize("code", [errno.ENOSPC, errno.EROFS, errno.EACCES, errno.EDQUOT])
+def test_a_machine_fault_while_writing_an_output_names_the_output(tmp_path, monkeypatch, code):
+    def savez(path, **arrays):
+        Path(path).write_bytes(b"half")
+        raise OSError(code, os.strerror(code), str(path))
+
+    monkeypatch.setattr(np, "savez", savez)
+    target = tmp_path / "out" / "train.npz"
+    with pytest.raises(StageError) as info:
+        files.save_npz(target, {"a": np.zeros(3)})
+    assert str(info.value) == f"{target}: cannot write: {os.strerror(code)}"
+    assert list((tmp_path / "out").iterdir()) == []  # no temporary file left
+
+
+def test_a_machine_fault_inside_a_published_folder_leaves_the_old_one(tmp_path, monkeypatch):
+    target = tmp_path / "out"
+    with files.publish_dir(target) as staging:
+        (staging / "a.txt").write_text("first")
+    with pytest.raises(StageError, match=f"^{target}: cannot write: No space left on device$"):
+        with files.publish_dir(target) as staging:
+            raise OSError(errno.ENOSPC, "No space left on device", str(staging / "a.txt"))
+    assert (target / "a.txt").read_text() == "first"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+def test_os_errors_from_the_machine_are_one_line_and_the_others_keep_their_traceback():
+    full = OSError(errno.ENOSPC, "No space left on device", "/x/y.npz")
+    assert is_expected(full) and one_line(full) == "/x/y.npz: No space left on device"
+    assert is_expected(PermissionError(errno.EACCES, "Permission denied", "/x"))
+    assert not is_expected(FileNotFoundError(errno.ENOENT, "No such file", "/x"))  # a bug
+    assert not is_expected(OSError("something else"))
+
+
+def test_an_sql_error_is_shown_without_its_statement():
+    from mlflow.exceptions import MlflowException
+
+    exc = MlflowException("(raised as a result of Query-invoked autoflush; consider using a "
+                          "session.no_autoflush block if this flush is occurring prematurely) "
+                          "(sqlite3.OperationalError) attempt to write a readonly database\n"
+                          "[SQL: INSERT INTO runs VALUES (?)]\n[parameters: ('x',)]\n"
+                          "(Background on this error at: https://sqlalche.me/e/21/e3q8)")
+    assert is_expected(exc)
+    assert one_line(exc) == "(sqlite3.OperationalError) attempt to write a readonly database"
+
+
+def test_an_output_folder_on_a_read_only_filesystem_is_found_before_the_work(monkeypatch,
+                                                                            tmp_path):
+    monkeypatch.setattr(output_paths.os, "access", lambda path, mode: False)
+    output = output_paths.Output("paths.reports_dir", tmp_path / "reports" / "x", True)
+    with pytest.raises(StageError, match=r"^paths.reports_dir: .*/reports/x: cannot write: "):
+        output_paths.check_writable(output)
+
