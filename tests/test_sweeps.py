@@ -315,7 +315,8 @@ def test_findings_page_answers_from_the_sweeps_runs(seeds, workspace):
     # outside the single uni size's range, so the page says it cannot compare).
     paths = [p for p in workspace["paths"] if p.startswith(("tracking.", "paths.reports"))]
     result = stage("sweeps.findings", *paths, f"claim.sweeps=[{seeds['id']}]",
-                   f"capacity.sweeps=[{seeds['id']}]", "merges.sweeps=[]", timeout=120)
+                   f"capacity.sweeps=[{seeds['id']}]", "merges.sweeps=[]", "tuned.sweeps=[]",
+                   timeout=120)
     assert result.returncode == 0, result.stderr[-2000:]
     reports = workspace["tmp"] / "reports"
     page = (reports / "findings.md").read_text()

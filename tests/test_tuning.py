@@ -238,6 +238,7 @@ def test_every_trial_is_a_run_under_the_searchs_parent(search, store):
     assert results["best_params"]["model.lr"] == float(best.data.params["model.lr"])
 
 
+@pytest.mark.slow  # ~20-30 s; test_a_failed_trial_must_be_inf_not_nan covers the sweeper's side
 def test_a_diverging_trial_does_not_abort_the_search(store):
     # Failed jobs return +inf; a NaN made Optuna 2's sweeper raise and abandon the search.
     result, sweep_id, sweep_dir = sweep_of(store, "diverging", "hparams_search=bi_lr",
