@@ -27,7 +27,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
-from pipeline import files, interrupts, output_paths, schema
+from pipeline import files, interrupts, output_paths, redaction, schema
 from pipeline.errors import exit_with_error, is_expected, one_line
 from pipeline.paths import CONF_DIR
 
@@ -39,9 +39,11 @@ JobFailureHandler = Callable[[DictConfig, str], None]
 def _reported() -> Iterator[None]:
     try:
         yield
-    except KeyboardInterrupt:
-        interrupts.run_hooks_and_exit()
+    except KeyboardInterrupt as exc:  # Ctrl-C, SIGTERM, SIGHUP (pipeline.interrupts)
+        interrupts.run_hooks_and_exit(exc)
     except Exception as exc:
+        if interrupts.is_lost_worker(exc):
+            interrupts.run_hooks_and_exit(exc)
         if not is_expected(exc):
             raise  # a bug: keep its traceback
         exit_with_error(exc)
@@ -109,6 +111,8 @@ def stage(config_name: str, on_job_failure: JobFailureHandler | None = None
     def decorate(task: Task) -> Callable[[], "float | None"]:
         @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name=config_name)
         def hydra_app(cfg: DictConfig) -> float | None:
+            redaction.install()  # also in a launcher's worker process
+            redaction.scrub_hydra_outputs()  # Hydra saved the command line as typed
             in_sweep = HydraConfig.get().mode == RunMode.MULTIRUN
             if in_sweep and on_job_failure is not None:
                 with _job_failure_recorded(cfg, on_job_failure):
@@ -126,9 +130,14 @@ def stage(config_name: str, on_job_failure: JobFailureHandler | None = None
             os.environ["HYDRA_FULL_ERROR"] = "1"
             for name in QUIET_LOGGERS:  # a filter: MLflow's logging setup resets levels
                 logging.getLogger(name).addFilter(lambda record: False)
-            with _reported():
-                check_hydra_dirs(sys.argv[1:])
-                return hydra_app()
+            redaction.install()
+            interrupts.install_signal_handlers()
+            try:
+                with _reported():
+                    check_hydra_dirs(sys.argv[1:])
+                    return hydra_app()
+            finally:  # a sweep's multirun.yaml, and jobs that died before their task started
+                redaction.scrub_hydra_outputs()
 
         return main
 

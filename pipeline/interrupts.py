@@ -1,23 +1,95 @@
-"""What runs when a command is interrupted (Ctrl-C) before it exits: the hooks that mark
-the runs it leaves behind (a sweep's parent run, its jobs' runs) KILLED."""
+"""What runs when a command is stopped before it ends: Ctrl-C (SIGINT); SIGTERM and SIGHUP
+(what ``timeout``, ``scancel``, SLURM's time limit and ``docker stop`` send, and a closed
+terminal); a sweep whose worker process died. The hooks mark the runs left behind (a sweep's
+parent run, its jobs' runs), then the command prints one line and exits: 128 + the signal's
+number (130, 143, 129), or 1 for a dead worker.
+
+SIGTERM and SIGHUP raise :class:`Terminated`, a KeyboardInterrupt, wherever the main thread
+is: every ``except KeyboardInterrupt`` that ends a run KILLED handles them as it does Ctrl-C.
+"""
 
 from __future__ import annotations
 
+import signal
 import sys
-from typing import Callable
+import threading
+from typing import Callable, NoReturn
 
-_hooks: list[Callable[[], None]] = []
+from pipeline.errors import one_line
+
+HANDLED_SIGNALS = (signal.SIGTERM, signal.SIGHUP)
+# The exceptions a launcher raises in the sweep's process when a job's worker process died
+# (joblib/loky; concurrent.futures; submitit), named rather than imported: each comes from an
+# optional package.
+LOST_WORKER_ERRORS = ("TerminatedWorkerError", "BrokenProcessPool", "UncompletedJobError")
+
+Hook = Callable[[BaseException], "str | None"]
+_hooks: list[Hook] = []
 
 
-def on_interrupt(hook: Callable[[], None]) -> None:
+class Terminated(KeyboardInterrupt):
+    """SIGTERM or SIGHUP arrived."""
+
+    def __init__(self, signum: int):
+        super().__init__(f"terminated ({signal.Signals(signum).name})")
+        self.signum = signum
+
+
+def _raise_terminated(signum: int, frame) -> None:
+    raise Terminated(signum)
+
+
+def install_signal_handlers() -> None:
+    """SIGTERM and SIGHUP raise :class:`Terminated` in the main thread. A signal the process
+    was started ignoring (``nohup`` ignores SIGHUP) stays ignored."""
+    if threading.current_thread() is not threading.main_thread():
+        return
+    for signum in HANDLED_SIGNALS:
+        if signal.getsignal(signum) is not signal.SIG_IGN:
+            signal.signal(signum, _raise_terminated)
+
+
+def is_lost_worker(exc: BaseException) -> bool:
+    """Whether ``exc`` (or an exception it was raised from) says a worker process died."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if any(cls.__name__ in LOST_WORKER_ERRORS for cls in type(exc).__mro__):
+            return True
+        exc = exc.__cause__ or exc.__context__
+    return False
+
+
+def describe(reason: BaseException) -> str:
+    """'interrupted', 'terminated (SIGTERM)', or what the launcher said about a dead worker."""
+    if isinstance(reason, KeyboardInterrupt):
+        return str(reason) or "interrupted"
+    return f"a worker process died: {one_line(reason)}"
+
+
+def exit_code(reason: BaseException) -> int:
+    if isinstance(reason, Terminated):
+        return 128 + reason.signum
+    if isinstance(reason, KeyboardInterrupt):
+        return 128 + signal.SIGINT
+    return 1
+
+
+def on_interrupt(hook: Hook) -> None:
+    """Run ``hook(reason)`` if the command is stopped; it may return the line to print."""
     _hooks.append(hook)
 
 
-def run_hooks_and_exit() -> None:
+def run_hooks_and_exit(reason: BaseException) -> NoReturn:
+    lines = []
     for hook in _hooks:
         try:
-            hook()
-        except Exception:  # interrupted twice, or the store is gone: exit regardless
-            pass
-    print("error: interrupted", file=sys.stderr, flush=True)
-    sys.exit(130)
+            line = hook(reason)
+        except KeyboardInterrupt:  # stopped again while cleaning up: stop cleaning up
+            break
+        except Exception:  # the store is gone, say: exit regardless
+            continue
+        if line:
+            lines.append(line)
+    print(f"error: {lines[0] if lines else describe(reason)}", file=sys.stderr, flush=True)
+    sys.exit(exit_code(reason))

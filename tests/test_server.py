@@ -67,7 +67,7 @@ def test_parallel_sweep_lands_in_postgresql_through_the_server(server, prepared_
             history = client.get_metric_history(run.info.run_id, key)
             assert [m.step for m in history] == [4, 9], (key, history)
         assert 0.0 < run.data.metrics["best_val_acc"] <= 1.0
-        assert run.data.params["train.train_limit"] == "1000"
+        assert run.data.params["data.train_samples"] == "1000"
         # Artifacts are uploaded through the server to its --artifacts-destination.
         names = {a.path for a in client.list_artifacts(run.info.run_id)}
         assert {"best.npz", "history.csv", "run.json"} <= names

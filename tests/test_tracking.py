@@ -148,7 +148,7 @@ class FlakyClient:
 
 def test_lock_errors_are_retried_with_growing_waits():
     waits = []
-    client = store.LockRetryingClient(FlakyClient(locked=3), attempts=8, first_wait=0.2,
+    client = store.StoreClient(FlakyClient(locked=3), attempts=8, first_wait=0.2,
                                          max_wait=5.0, sleep=waits.append)
     assert client.log_batch("run", metrics=[]) == "run"
     assert client._client.calls == 4 and len(waits) == 3
@@ -161,7 +161,7 @@ def test_lock_retries_are_bounded():
     from mlflow.exceptions import MlflowException
 
     waits = []
-    client = store.LockRetryingClient(FlakyClient(locked=100), attempts=5, sleep=waits.append)
+    client = store.StoreClient(FlakyClient(locked=100), attempts=5, sleep=waits.append)
     with pytest.raises(MlflowException, match="database is locked"):
         client.log_batch("run")
     assert client._client.calls == 5 and len(waits) == 4
@@ -172,7 +172,7 @@ def test_other_errors_are_not_retried():
     from mlflow.exceptions import MlflowException
 
     waits = []
-    client = store.LockRetryingClient(FlakyClient(locked=1, error="run xyz not found"),
+    client = store.StoreClient(FlakyClient(locked=1, error="run xyz not found"),
                                          sleep=waits.append)
     with pytest.raises(MlflowException, match="not found"):
         client.log_batch("run")
@@ -181,7 +181,7 @@ def test_other_errors_are_not_retried():
 
 def test_connect_returns_a_lock_retrying_client(tmp_path):
     client = store.connect(tracking_cfg(f"sqlite:///{tmp_path / 'mlflow.db'}"))
-    assert isinstance(client, store.LockRetryingClient)
+    assert isinstance(client, store.StoreClient)
 
 
 CONNECT_AT = """

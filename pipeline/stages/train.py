@@ -17,7 +17,10 @@ import contextlib
 import copy
 import json
 import logging
+import shlex
+import tempfile
 import time
+from pathlib import Path
 from typing import Iterator
 
 import numpy as np
@@ -32,6 +35,7 @@ from pipeline import files, prepared_data, schema, scoring
 from pipeline.entrypoint import stage
 from pipeline.metric_names import CHECKPOINT_METRICS, CHECKPOINT_RENAMES, SUMMARY_METRICS
 from pipeline.paths import portable, project_path
+from pipeline.redaction import redact
 from pipeline.sweeps import job as sweep_job
 from pipeline.tracking import logged_model, metrics, runs, store
 
@@ -119,7 +123,7 @@ def save_model_files(folder, model: RNNClassifier, result: TrainResult, cfg: Dic
     model.save(folder / "best.npz")
     model.set_params(result.last_params)
     model.save(folder / "last.npz")
-    (folder / "config.yaml").write_text(portable(OmegaConf.to_yaml(cfg, resolve=True)),
+    (folder / "config.yaml").write_text(portable(redact(OmegaConf.to_yaml(cfg, resolve=True))),
                                         encoding="utf-8")
 
 
@@ -163,7 +167,16 @@ def job_timer(client, run_id: str, job, started: float) -> Iterator[None]:
         yield
     finally:
         if job is not None:
-            metrics.log_metrics(client, run_id, {"job_seconds": time.monotonic() - started})
+            try:
+                metrics.log_metrics(client, run_id, {"job_seconds": time.monotonic() - started})
+            except Exception as exc:  # the store may be gone: the job's own outcome matters
+                log.warning("could not log job_seconds: %s", exc)
+
+
+def rerun_command() -> str:
+    """This command as typed (credentials redacted): how to record a run that could not be."""
+    overrides = " ".join(shlex.quote(o) for o in HydraConfig.get().overrides.task)
+    return redact(f"python -m pipeline.stages.train {overrides}".strip())
 
 
 def _record_failed_job(cfg: DictConfig, error: str) -> None:
@@ -198,6 +211,7 @@ def train_task(cfg: DictConfig) -> float:
 
     with runs.new_run(client, cfg.tracking.experiment_name, run_name, tags,
                       script=__file__) as run_id, job_timer(client, run_id, job, started):
+        experiment = client.get_run(run_id).info.experiment_id
         runs.log_params(client, run_id, run_params(cfg, counts, len(train_y), len(val_y)))
         scoring.log_data(client, run_id, meta, {"train": ("train", len(train_y)),
                                                 "validation": ("val", len(val_y))})
@@ -209,33 +223,38 @@ def train_task(cfg: DictConfig) -> float:
                            on_checkpoint=lambda c: buffer.add(checkpoint_values(c), c.iteration),
                            log=log.info)
         summary = summarize(result, counts["total"])
-        buffer.add({key: summary[key] for key in SUMMARY_METRICS}, step=0)
-        buffer.flush()
-        log.info("MLflow: %d metric values sent in %.2f s", buffer.values_sent,
-                 buffer.seconds_spent)
-        client.set_tag(run_id, "metric_logging_seconds", f"{buffer.seconds_spent:.3f}")
-        runs.set_description(client, run_id, scoring.describe(client.get_run(run_id)))
-
         target = models_dir / cfg.name
         history = history_frame(result)
+        run_info = {"run_id": run_id, "run_name": run_name, "experiment_id": experiment,
+                    "tracking_uri": portable(redact(client.tracking_uri)), "tracking": "incomplete",
+                    "model": model.config, "dataset": meta["dataset"],
+                    "data_sha256": prepared_data.fingerprint(meta)}
+        # The training's outputs first: whatever the store does from here on, they are kept.
         with files.publish_dir(target) as staging:
             save_model_files(staging, model, result, cfg)
-            # At step 0, where the summary is: MLflow attaches it to the model too.
-            found = log_best_model(client, run_id, cfg, staging / "best.npz", val_images[:3], job)
-            test_summary = (self_test(client, run_id, cfg, model, result, data_dir, meta,
-                                      found["model_id"]) if job else None)
-            files.write_json(staging / "run.json", {
-                "run_id": run_id, "run_name": run_name,
-                "experiment_id": client.get_run(run_id).info.experiment_id,
-                "tracking_uri": portable(client.tracking_uri), **found, "model": model.config,
-                "dataset": meta["dataset"], "data_sha256": prepared_data.fingerprint(meta)})
-            history.to_csv(staging / "history.csv", index=False)  # logged with the model files
-            client.log_artifacts(run_id, str(staging))
-            (staging / "history.csv").unlink()  # the committed copy is metrics/history_<name>.csv
+            files.write_json(staging / "run.json", run_info)
         files.write_text(metrics_dir / f"history_{cfg.name}.csv", history.to_csv(index=False))
         files.write_json(metrics_dir / f"train_{cfg.name}.json", summary)
-        if job is not None:
-            files.write_json(metrics_dir / "test.json", {cfg.name: test_summary})
+        with runs.completing(run_id, f"the model is saved in {target} (run.json: tracking "
+                             "incomplete)", rerun_command()):
+            buffer.add({key: summary[key] for key in SUMMARY_METRICS}, step=0)
+            buffer.finish()
+            log.info("MLflow: %d metric values sent in %.2f s", buffer.values_sent,
+                     buffer.seconds_spent)
+            client.set_tag(run_id, "metric_logging_seconds", f"{buffer.seconds_spent:.3f}")
+            runs.set_description(client, run_id, scoring.describe(client.get_run(run_id)))
+            # At step 0, where the summary is: MLflow attaches it to the model too.
+            found = log_best_model(client, run_id, cfg, target / "best.npz", val_images[:3], job)
+            test_summary = (self_test(client, run_id, cfg, model, result, data_dir, meta,
+                                      found["model_id"]) if job else None)
+            files.write_json(target / "run.json", {**run_info, **found, "tracking": "complete"})
+            with tempfile.TemporaryDirectory() as folder:  # the committed copy is in metrics/
+                history.to_csv(Path(folder) / "history.csv", index=False)
+                for path in [*sorted(target.iterdir()), Path(folder) / "history.csv"]:
+                    if not path.name.startswith("."):  # (the output folder's own marker)
+                        client.log_artifact(run_id, str(path))
+            if job is not None:
+                files.write_json(metrics_dir / "test.json", {cfg.name: test_summary})
     log.info("wrote %s and %s/train_%s.json", target, metrics_dir, cfg.name)
     if job is not None:
         sweep_job.log_progress(client, job.sweep_id)

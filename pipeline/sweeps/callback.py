@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import time
 from pathlib import Path
 
@@ -17,7 +18,7 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
 from pipeline import schema
-from pipeline.errors import StageError, exit_with_error
+from pipeline.errors import StageError, exit_with_error, one_line
 from pipeline.interrupts import on_interrupt
 from pipeline.sweeps import job as sweep
 from pipeline.tracking import metrics, runs, store
@@ -80,17 +81,36 @@ class SweepCallback(Callback):
             self.parent_run_id = run.info.run_id
         except Exception as exc:
             exit_with_error(exc)
-        on_interrupt(lambda: self._interrupted(client))
+        on_interrupt(lambda reason: self._stopped(client, reason))
         log.info("sweep %s: parent run %s in experiment %r", self.sweep_id, self.parent_run_id,
                  config.tracking.experiment_name)
 
-    def _interrupted(self, client) -> None:
-        """Ctrl-C: the parent and every job run still RUNNING end KILLED (a worker may be
-        stopped before it can mark its own run)."""
-        runs.end_killed(client, self.parent_run_id)
-        for run in runs.search_runs(client, sweep.jobs_filter(self.sweep_id)):
-            if run.info.status == "RUNNING":
-                runs.end_killed(client, run.info.run_id)
+    def _stopped(self, client, reason: BaseException) -> str | None:
+        """The sweep was stopped before its end hook. Ctrl-C, SIGTERM, SIGHUP: the parent and
+        every job run still RUNNING end KILLED (a worker may be stopped before it can mark its
+        own run). A worker process died (the launcher then stops every job): the runs of the
+        jobs that were running end KILLED, the parent FAILED, and the returned line names
+        those jobs."""
+        running = sorted((run for run in runs.search_runs(client, sweep.jobs_filter(self.sweep_id))
+                          if run.info.status == "RUNNING"),
+                         key=lambda run: int(run.data.tags.get(sweep.JOB_TAG, -1)))
+        if isinstance(reason, KeyboardInterrupt):
+            runs.end_killed(client, self.parent_run_id, str(reason) or "interrupted")
+            for run in running:
+                runs.end_killed(client, run.info.run_id, str(reason) or "interrupted")
+            return None
+        exit_codes = re.search(r"exit codes? of the workers? (?:are|is) \{?([^}]*)", str(reason))
+        cause = f"exit code {exit_codes.group(1)}" if exit_codes else one_line(reason)[:300]
+        for run in running:
+            runs.end_killed(client, run.info.run_id,
+                            f"the worker process of this sweep died ({cause}); sweep stopped")
+        swept = json.loads(client.get_run(self.parent_run_id).data.tags.get(sweep.SWEPT_TAG, "[]"))
+        jobs = ", ".join(_job_label(run, swept) for run in running) or "no job with a run"
+        line = (f"sweep {self.sweep_id}: a worker process died ({cause}) and the launcher "
+                f"stopped the sweep; jobs running then: {jobs} (runs KILLED; parent run "
+                f"{self.parent_run_id} FAILED)")
+        runs.end_failed(client, self.parent_run_id, line)
+        return line
 
     def on_multirun_end(self, config: DictConfig, **kwargs) -> None:
         try:

@@ -14,10 +14,11 @@ from typing import Any, Iterator, Mapping
 
 from omegaconf import DictConfig, OmegaConf
 
-from pipeline.errors import StageError
+from pipeline.errors import StageError, one_line
 from pipeline.files import read_json
 from pipeline.paths import PROJECT_ROOT
-from pipeline.tracking.store import experiment_id
+from pipeline.tracking.stale_runs import process_tags
+from pipeline.tracking.store import StoreUnavailable, experiment_id
 
 log = logging.getLogger(__name__)
 
@@ -35,10 +36,11 @@ def source_tags(script: str | os.PathLike | None = None) -> dict[str, str]:
 
     ``script`` is the stage's file; by default the script that was started, which is right
     for a single run but not for a sweep job that a launcher runs in a worker process (whose
-    sys.argv[0] is the launcher's own entry point)."""
+    sys.argv[0] is the launcher's own entry point). Also the process that owns the run
+    (host, pid, start time), so that a later command can end it if the process dies hard."""
     script = Path(script if script is not None else sys.argv[0]).resolve()
     source = script.relative_to(PROJECT_ROOT) if script.is_relative_to(PROJECT_ROOT) else script
-    tags = {"mlflow.source.type": "LOCAL", "mlflow.source.name": str(source)}
+    tags = {"mlflow.source.type": "LOCAL", "mlflow.source.name": str(source), **process_tags()}
 
     def git(*args: str) -> str:
         return subprocess.run(["git", *args], cwd=PROJECT_ROOT, capture_output=True,
@@ -79,7 +81,8 @@ def log_params(client, run_id: str, params: Mapping[str, Any]) -> None:
 def new_run(client, experiment: str, run_name: str, tags: Mapping[str, str],
         script: str | os.PathLike | None = None) -> Iterator[str]:
     """Create a run in experiment ``experiment`` (a name; created if needed) and yield its id;
-    end it FINISHED, or FAILED with the error as a tag. KeyboardInterrupt ends it KILLED.
+    end it FINISHED, or FAILED with the error as a tag. KeyboardInterrupt (Ctrl-C, and SIGTERM
+    or SIGHUP: pipeline.interrupts) ends it KILLED.
     The error is re-raised for the stage to report. ``script``: see :func:`source_tags`.
     """
     created = client.create_run(experiment_id(client, experiment), run_name=run_name,
@@ -88,8 +91,8 @@ def new_run(client, experiment: str, run_name: str, tags: Mapping[str, str],
     log.info("MLflow run %s (%s) in experiment %r", run_id, run_name, experiment)
     try:
         yield run_id
-    except KeyboardInterrupt:
-        end_killed(client, run_id)
+    except KeyboardInterrupt as exc:
+        end_killed(client, run_id, str(exc) or "interrupted")
         raise
     except BaseException as exc:
         end_failed(client, run_id, " ".join(str(exc).split()) or type(exc).__name__)
@@ -102,9 +105,9 @@ def end_failed(client, run_id: str, error: str) -> None:
     _end(client, run_id, "FAILED", error)
 
 
-def end_killed(client, run_id: str) -> None:
-    """Mark a run KILLED (Ctrl-C), as :func:`new_run` does for its own runs."""
-    _end(client, run_id, "KILLED", "interrupted")
+def end_killed(client, run_id: str, reason: str = "interrupted") -> None:
+    """Mark a run KILLED (Ctrl-C, a signal), as :func:`new_run` does for its own runs."""
+    _end(client, run_id, "KILLED", reason)
 
 
 def _end(client, run_id: str, status: str, error: str) -> None:
@@ -113,6 +116,25 @@ def _end(client, run_id: str, status: str, error: str) -> None:
         client.set_terminated(run_id, status)
     except Exception as exc:  # the store may be what failed; the original error matters more
         log.warning("could not mark run %s %s: %s", run_id, status, exc)
+
+
+class RunIncomplete(StageError):
+    """A stage's outputs are written, but its run could not be completed in the store."""
+
+
+@contextlib.contextmanager
+def completing(run_id: str, kept: str, rerun: str) -> Iterator[None]:
+    """Around the tracking that follows work whose outputs (``kept``) are already written: a
+    store that fails here (it stopped answering, say) costs none of that work; the failure
+    becomes one line saying so and how to record the run (``rerun``)."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        yield
+    except (StoreUnavailable, MlflowException) as exc:
+        raise RunIncomplete(f"run {run_id} could not be completed: {one_line(exc)[:400]}; "
+                            f"{kept}; to record the run, rerun when the tracking store "
+                            f"answers: {rerun}") from None
 
 
 NOTE_TAG = "mlflow.note.content"  # the run's description: Markdown on its page in the UI

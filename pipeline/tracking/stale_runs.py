@@ -158,10 +158,9 @@ def main(argv: list[str] | None = None) -> int:
 
     redaction.install()
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
-    tracking = OmegaConf.create({"uri": args.tracking_uri, "probe_timeout_seconds": 10,
-                                 "close_stale_runs": False})
+    tracking = OmegaConf.create({"uri": args.tracking_uri, "probe_timeout_seconds": 10})
     try:
-        client = store.connect(tracking)
+        client = store.connect(tracking, close_stale=False)
         stale = find_stale_runs(client)
         for run in stale:
             if not args.dry_run:

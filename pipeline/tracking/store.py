@@ -1,5 +1,7 @@
-"""The MLflow tracking store: which one (URI), checking it answers before any work starts, and a
-client that rides out SQLite's "database is locked" (docs/architecture.md, "Tracking").
+"""The MLflow tracking store: which one (URI), checking it answers before any work starts, and
+the client every stage uses (:class:`StoreClient`): it rides out SQLite's "database is locked",
+redacts credentials from what it records, and bounds how long a store that stopped answering
+can hold a stage (docs/architecture.md, "Tracking" and "Failure handling").
 """
 
 from __future__ import annotations
@@ -7,9 +9,11 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import functools
+import inspect
 import logging
 import os
 import random
+import re
 import time
 from pathlib import Path
 from typing import Iterator
@@ -18,6 +22,8 @@ from omegaconf import DictConfig
 
 from pipeline.errors import StageError
 from pipeline.paths import tracking_root
+from pipeline.redaction import redact
+from pipeline.tracking import stale_runs
 
 log = logging.getLogger(__name__)
 
@@ -72,40 +78,144 @@ class _DropLockTracebacks(logging.Filter):
         return not is_lock_error(Exception(record.getMessage()))
 
 
-class LockRetryingClient:
-    """An ``MlflowClient`` whose every call is retried when the store says "database is
-    locked": at most ``attempts`` tries, waiting ``first_wait`` seconds, doubling up to
-    ``max_wait``, each wait jittered by +-50% so that two waiting processes do not collide
-    again in step. Any other error, or the last lock error, is raised as it is.
-    Attributes that are not methods (``tracking_uri``) are passed through.
+class StoreUnavailable(StageError):
+    """The store has not answered for the whole outage budget: nothing more is sent to it."""
+
+
+def describe_failure(exc: BaseException) -> str:
+    """What went wrong in a call to the store, short: MLflow's HTTP errors nest the URL, the
+    retry state and the socket error; the socket error is what a user can act on."""
+    text = redact(" ".join(str(exc).split()))
+    for pattern, said in ((r"Connection refused", "connection refused"),
+                          (r"[Rr]ead timed out|timeout exception", "no answer (timed out)"),
+                          (r"Name or service not known|nodename nor servname|"
+                           r"Temporary failure in name resolution", "unknown host"),
+                          (r"Connection reset|RemoteDisconnected|Connection aborted",
+                           "connection dropped")):
+        if re.search(pattern, text):
+            return said
+    return text[:200] or type(exc).__name__
+
+
+def _redact_recorded(value):
+    """A string, a mapping of strings, or a list of (key, value) entities (Param, RunTag, ...),
+    with credentials redacted; anything else as it is."""
+    if isinstance(value, str):
+        return redact(value)
+    if isinstance(value, dict):
+        return {key: redact(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [type(item)(item.key, redact(item.value))
+                if isinstance(getattr(item, "value", None), str) and hasattr(item, "key")
+                else item for item in value]
+    return value
+
+
+# Arguments of MlflowClient methods whose text ends up in the store: tags, params, the value
+# of set_tag / log_param / set_experiment_tag, run names, log_text's text.
+_RECORDED = ("tags", "params", "value", "run_name", "name", "text")
+
+
+class StoreClient:
+    """The ``MlflowClient`` of a stage. Every call:
+
+    - is retried when the store says "database is locked": at most ``attempts`` tries, waiting
+      ``first_wait`` seconds, doubling up to ``max_wait``, each wait jittered by +-50% so that
+      two waiting processes do not collide again in step;
+    - records no credential: tags, params and run names are redacted on the way
+      (pipeline.redaction), whichever code made them;
+    - against an HTTP store, uses MLflow's HTTP client with ``request_timeout`` seconds per
+      attempt and one retry (MLflow's defaults: 120 s and 7 retries with growing waits, about
+      8 minutes for one call to a server that went away); once calls have been failing for
+      ``outage_budget`` seconds in a row (a success resets the count), the store counts as
+      gone and every later call raises :class:`StoreUnavailable` at once.
+
+    Any other error, or the last lock error, is raised as it is. Attributes that are not
+    methods (``tracking_uri``) are passed through.
     """
 
     def __init__(self, client, attempts: int = 8, first_wait: float = 0.2,
-                 max_wait: float = 5.0, sleep=time.sleep):
+                 max_wait: float = 5.0, sleep=time.sleep, request_timeout: int = 10,
+                 outage_budget: float = 30.0, clock=time.monotonic):
         self._client = client
         self._attempts, self._first_wait, self._max_wait = attempts, first_wait, max_wait
-        self._sleep = sleep
+        self._sleep, self._clock = sleep, clock
+        self._request_timeout, self._outage_budget = request_timeout, outage_budget
+        self._failing_for = 0.0  # seconds spent in calls that failed since the last success
+        self._last_error = ""
+
+    @property
+    def gone(self) -> bool:
+        return self._failing_for >= self._outage_budget
 
     def __getattr__(self, name: str):
         value = getattr(self._client, name)
         if not callable(value):
             return value
+        try:
+            signature = inspect.signature(value)
+        except (TypeError, ValueError):
+            signature = None
 
         @functools.wraps(value)
         def call(*args, **kwargs):
-            for attempt in range(1, self._attempts + 1):
-                try:
-                    return value(*args, **kwargs)
-                except Exception as exc:
-                    if attempt == self._attempts or not is_lock_error(exc):
-                        raise
-                    wait = min(self._max_wait, self._first_wait * 2 ** (attempt - 1))
-                    wait *= 0.5 + random.random()
-                    log.warning("MLflow store busy (database is locked) in %s; retry %d/%d "
-                                "in %.1f s", name, attempt, self._attempts - 1, wait)
-                    self._sleep(wait)
+            if self.gone:
+                raise StoreUnavailable(
+                    f"tracking store {redact(str(self._client.tracking_uri))} stopped answering "
+                    f"({self._last_error}, for {self._failing_for:.0f} s)")
+            args, kwargs = self._redacted(signature, args, kwargs)
+            started = self._clock()
+            try:
+                with self._http_limits():
+                    result = self._retrying_locks(name, value, args, kwargs)
+            except Exception as exc:
+                self._failing_for += self._clock() - started
+                self._last_error = describe_failure(exc)
+                if self.gone:
+                    log.warning("tracking store %s: no answer for %.0f s, giving up on it: %s",
+                                redact(str(self._client.tracking_uri)), self._failing_for,
+                                self._last_error)
+                raise
+            self._failing_for = 0.0
+            return result
 
         return call
+
+    @staticmethod
+    def _redacted(signature, args, kwargs):
+        if signature is None:
+            return args, kwargs
+        try:
+            bound = signature.bind(*args, **kwargs)
+        except TypeError:  # let MLflow report the wrong call
+            return args, kwargs
+        for key in _RECORDED:
+            if bound.arguments.get(key) is not None:
+                bound.arguments[key] = _redact_recorded(bound.arguments[key])
+        return bound.args, bound.kwargs
+
+    def _http_limits(self):
+        uri = str(self._client.tracking_uri)
+        if not uri.startswith(("http://", "https://")):
+            return contextlib.nullcontext()
+        # Never wait past the budget: the per-attempt timeout shrinks as it is used up.
+        left = self._outage_budget - self._failing_for
+        timeout = max(1, min(self._request_timeout, int(left / 2)))
+        return _env(MLFLOW_HTTP_REQUEST_MAX_RETRIES="1", MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR="1",
+                    MLFLOW_HTTP_REQUEST_TIMEOUT=str(timeout))
+
+    def _retrying_locks(self, name: str, method, args, kwargs):
+        for attempt in range(1, self._attempts + 1):
+            try:
+                return method(*args, **kwargs)
+            except Exception as exc:
+                if attempt == self._attempts or not is_lock_error(exc):
+                    raise
+                wait = min(self._max_wait, self._first_wait * 2 ** (attempt - 1))
+                wait *= 0.5 + random.random()
+                log.warning("MLflow store busy (database is locked) in %s; retry %d/%d "
+                            "in %.1f s", name, attempt, self._attempts - 1, wait)
+                self._sleep(wait)
 
 
 @contextlib.contextmanager
@@ -127,12 +237,13 @@ def _first_contact_lock(uri: str) -> Iterator[None]:
         yield
 
 
-def connect(tracking: DictConfig):
-    """Return an ``MlflowClient`` for the configured store after checking it answers,
-    wrapped to retry on SQLite lock errors (:class:`LockRetryingClient`).
+def connect(tracking: DictConfig, close_stale: bool = True) -> StoreClient:
+    """Return the :class:`StoreClient` of the configured store after checking it answers, and
+    (``close_stale``) end the runs that dead processes of this host left RUNNING
+    (pipeline.tracking.stale_runs).
 
-    Raises StageError (one line, naming the URI) if it does not answer within about
-    ``tracking.probe_timeout_seconds``.
+    Raises StageError (one line, naming the URI without its credentials) if it does not
+    answer within about ``tracking.probe_timeout_seconds``.
     """
     from mlflow.tracking import MlflowClient
 
@@ -153,10 +264,19 @@ def connect(tracking: DictConfig):
             client.search_experiments(max_results=1)
     except Exception as exc:  # any failure here means: cannot use this store
         reason = " ".join(str(exc).split())[:300] or type(exc).__name__
-        raise StageError(f"tracking store {uri} is not usable "
-                         f"(after {time.monotonic() - started:.1f} s): {reason}") from None
-    log.info("tracking store: %s", uri)
-    return LockRetryingClient(client)
+        raise StageError(redact(f"tracking store {uri} is not usable "
+                                f"(after {time.monotonic() - started:.1f} s): {reason}")) from None
+    log.info("tracking store: %s", redact(uri))
+    request_timeout = max(timeout, 10)
+    if uri.startswith(("http://", "https://")):
+        # The same limits for what goes past the client (MLflow's fluent API, which logs the
+        # model), unless set by the user.
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", str(request_timeout))
+    wrapped = StoreClient(client, request_timeout=request_timeout)
+    if close_stale:
+        stale_runs.close_stale_runs(wrapped)
+    return wrapped
 
 
 # The kind MLflow 3's UI reads to open an experiment on its runs, not its GenAI pages (3.17
