@@ -19,6 +19,8 @@ from pipeline.paths import project_path
 from pipeline.reports import figures, formatting, table_19_12
 from pipeline.sweeps import capacity, page, statistics, tuning
 from pipeline.sweeps import runs as sweep_runs
+from pipeline.sweeps import job as sweep_job
+from pipeline.tracking import runs as tracked_runs
 from pipeline.tracking import store
 
 log = logging.getLogger(__name__)
@@ -30,9 +32,22 @@ def _commands(finding: DictConfig) -> str:
     return "```bash\n" + "\n".join(finding.commands) + "\n```"
 
 
-def _not_run(finding: DictConfig, what: str) -> str:
+def _not_run(client, finding: DictConfig, what: str) -> str:
+    """'' when every sweep of ``finding`` has ended in the store; else a line saying what the
+    section waits for, with the commands that run it."""
+    commands = f"\n\n{_commands(finding)}" if finding.commands else ""
     if not finding.sweeps:
-        return f"*Not run yet*: {what}."
+        return f"*Not run yet*: {what}.{commands}"
+    waiting = []
+    for sweep_id in finding.sweeps:
+        job_runs = tracked_runs.search_runs(client, sweep_job.jobs_filter(sweep_id))
+        running = sum(run.info.status == "RUNNING" for run in job_runs)
+        if not job_runs:
+            waiting.append(f"`{sweep_id}` (no runs in the tracking store)")
+        elif running:
+            waiting.append(f"`{sweep_id}` ({running} of {len(job_runs)} jobs still running)")
+    if waiting:
+        return f"*Not run yet*: {what}; waiting for {', '.join(waiting)}.{commands}"
     return ""
 
 
@@ -70,7 +85,7 @@ def _summary_rows(summary: pd.DataFrame, diffs: pd.DataFrame) -> str:
 
 def claim_section(client, cfg: DictConfig, book: dict, out: Path) -> str:
     finding = cfg.claim
-    missing = _not_run(finding, "the book configuration over 20 seeds per model")
+    missing = _not_run(client, finding, "the book configuration over 20 seeds per model")
     if missing:
         return missing
     found = _fetch(client, finding)
@@ -98,7 +113,7 @@ Full report: [`reports/sweeps/{found.report_id}/`](sweeps/{found.report_id}/repo
 
 def capacity_section(client, cfg: DictConfig, book: dict, out: Path) -> str:
     finding = cfg.capacity
-    missing = _not_run(finding, "uni with 8-64 hidden units and bi with 4-32 per chain")
+    missing = _not_run(client, finding, "uni with 8-64 hidden units and bi with 4-32 per chain")
     if missing:
         return missing
     found = _fetch(client, finding)
@@ -134,7 +149,7 @@ seeds of every size 4,000 times (percentile bootstrap).
 
 def merges_section(client, cfg: DictConfig, out: Path) -> str:
     finding = cfg.merges
-    missing = _not_run(finding, "bi with sum, concat, mean and mul")
+    missing = _not_run(client, finding, "bi with sum, concat, mean and mul")
     if missing:
         return missing
     found = _fetch(client, finding)
@@ -170,10 +185,10 @@ def findings_task(cfg: DictConfig) -> None:
             "1. The book's claim, over 20 seeds": claim_section(client, cfg, book, out),
             "2. Accuracy against parameter count": capacity_section(client, cfg, book, out),
             "3. The four merges": merges_section(client, cfg, out),
-            "4. Fashion-MNIST": _not_run(cfg.fashion, "both models over 5 seeds on "
+            "4. Fashion-MNIST": _not_run(client, cfg.fashion, "both models over 5 seeds on "
                                          "Fashion-MNIST") or "",
-            "5. A tuned bidirectional net": _not_run(cfg.tuned, "an Optuna search of bi's "
-                                                     "learning rate and schedule")
+            "5. A tuned bidirectional net": _not_run(client, cfg.tuned, "an Optuna search of "
+                                                     "bi's learning rate and schedule")
             or tuning.tuned_section(client, cfg, out, FOLDER),
         }
     body = "\n\n".join(f"## {title}\n\n{text}" for title, text in sections.items())
