@@ -10,6 +10,7 @@ is: every ``except KeyboardInterrupt`` that ends a run KILLED handles them as it
 
 from __future__ import annotations
 
+import contextlib
 import signal
 import sys
 import threading
@@ -35,8 +36,38 @@ class Terminated(KeyboardInterrupt):
         self.signum = signum
 
 
-def _raise_terminated(signum: int, frame) -> None:
+_deferring = 0  # > 0 while a tracking-store call runs (see deferred())
+_pending: int | None = None
+
+
+def _raise_for(signum: int) -> None:
+    if signum == signal.SIGINT:
+        raise KeyboardInterrupt
     raise Terminated(signum)
+
+
+def _raise_terminated(signum: int, frame) -> None:
+    global _pending
+    if _deferring:
+        _pending = signum
+        return
+    _raise_for(signum)
+
+
+@contextlib.contextmanager
+def deferred():
+    """Hold a stop signal until the block ends. A KeyboardInterrupt raised in the middle of a
+    tracking-store call can leave a SQLite write transaction open, and ending the run KILLED
+    would then wait on its lock; store calls are bounded, so the signal is only delayed."""
+    global _deferring, _pending
+    _deferring += 1
+    try:
+        yield
+    finally:
+        _deferring -= 1
+        if not _deferring and _pending is not None:
+            signum, _pending = _pending, None
+            _raise_for(signum)
 
 
 def install_signal_handlers() -> None:
@@ -47,6 +78,8 @@ def install_signal_handlers() -> None:
     for signum in HANDLED_SIGNALS:
         if signal.getsignal(signum) is not signal.SIG_IGN:
             signal.signal(signum, _raise_terminated)
+    if signal.getsignal(signal.SIGINT) is signal.default_int_handler:  # Ctrl-C: deferrable too
+        signal.signal(signal.SIGINT, _raise_terminated)
 
 
 def is_lost_worker(exc: BaseException) -> bool:

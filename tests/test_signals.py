@@ -197,3 +197,24 @@ def test_sigterm_to_a_sweep_ends_its_runs_and_its_workers(prepared_dir, tmp_path
     runs = sweep_runs(client, "job") + sweep_runs(client, "parent")
     assert [r.info.status for r in runs] == ["KILLED"] * 3
     assert group_gone(process.pid), "processes of the sweep are left"
+
+
+def test_a_stop_signal_waits_for_the_tracking_store_call_in_progress():
+    # Raised in the middle of a store call, the interrupt could leave a SQLite write
+    # transaction open, and ending the run KILLED would then wait on its lock.
+    from pipeline import interrupts
+
+    handled = (signal.SIGTERM, signal.SIGHUP, signal.SIGINT)
+    previous = {signum: signal.getsignal(signum) for signum in handled}
+    interrupts.install_signal_handlers()
+    try:
+        finished = []
+        with pytest.raises(interrupts.Terminated):
+            with interrupts.deferred():
+                os.kill(os.getpid(), signal.SIGTERM)
+                time.sleep(0.2)  # the handler has run by now, and held the signal
+                finished.append(True)
+        assert finished == [True]
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)

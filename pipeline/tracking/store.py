@@ -20,6 +20,7 @@ from typing import Iterator
 
 from omegaconf import DictConfig
 
+from pipeline import interrupts
 from pipeline.errors import StageError
 from pipeline.paths import tracking_root
 from pipeline.redaction import redact
@@ -166,7 +167,7 @@ class StoreClient:
             args, kwargs = self._redacted(signature, args, kwargs)
             started = self._clock()
             try:
-                with self._http_limits():
+                with interrupts.deferred(), self._http_limits():
                     result = self._retrying_locks(name, value, args, kwargs)
             except Exception as exc:
                 self._failing_for += self._clock() - started
