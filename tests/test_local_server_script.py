@@ -349,10 +349,10 @@ PHASES = {  # when to send the signal
     (signal.SIGTERM, "waiting for PostgreSQL"),
     (signal.SIGHUP, "waiting for PostgreSQL"),
     (signal.SIGTERM, "waiting for MLflow"),
-    (signal.SIGHUP, "waiting for MLflow"),
-    (signal.SIGINT, "waiting for MLflow"),
+    pytest.param(signal.SIGHUP, "waiting for MLflow", marks=pytest.mark.slow),  # as SIGTERM
+    pytest.param(signal.SIGINT, "waiting for MLflow", marks=pytest.mark.slow),
     (signal.SIGTERM, "ready"),  # ~15 s each once ready
-    (signal.SIGHUP, "ready"),
+    pytest.param(signal.SIGHUP, "ready", marks=pytest.mark.slow),
     pytest.param(signal.SIGINT, "ready", marks=pytest.mark.slow),  # Ctrl-C: as SIGTERM
 ], ids=lambda value: value.name if isinstance(value, signal.Signals) else value)
 def test_a_signal_stops_both_servers_and_deletes_their_folder(start_script, sig, phase):

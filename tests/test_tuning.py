@@ -212,6 +212,7 @@ def search(store) -> dict:
     return {"result": result, "id": sweep_id, "dir": sweep_dir}
 
 
+@pytest.mark.slow  # a real 4-trial search and a retraining: ~35 s of fixtures
 def test_every_trial_is_a_run_under_the_searchs_parent(search, store):
     assert search["result"].returncode == 0, search["result"].stderr[-3000:]
     client = store["client"]
@@ -271,6 +272,7 @@ def findings(store: dict, tuned: list[str]):
                  timeout=120)
 
 
+@pytest.mark.slow  # a real 4-trial search and a retraining: ~35 s of fixtures
 def test_findings_section_compares_the_retrained_best_with_the_book(search, section, store):
     result = findings(store, [search["id"], section["retrained"], section["book"]])
     assert result.returncode == 0, result.stderr[-3000:]
@@ -296,6 +298,7 @@ def test_findings_section_compares_the_retrained_best_with_the_book(search, sect
     assert str(store["tmp"]) not in page  # no absolute paths
 
 
+@pytest.mark.slow  # a real 4-trial search and a retraining: ~35 s of fixtures
 def test_findings_refuse_a_retraining_of_another_schedule(search, section, store):
     # The book sweep's bi runs did not use the best trial's schedule.
     result = findings(store, [search["id"], section["book"], section["book"]])
