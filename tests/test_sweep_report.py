@@ -150,3 +150,11 @@ def test_an_inconclusive_verdict_says_how_many_seeds_would_settle_it():
                                      pd.Series(UNI).std())
     assert needed is not None and needed > 3
     assert f"would need {needed} seeds per model" in page.verdict(pair)
+
+
+def test_the_report_describes_a_sweep_without_where_it_tracked():
+    from pipeline.sweeps.report import experiment_overrides
+
+    described = experiment_overrides(
+        "model=uni,bi train.seed=range(0,5) tracking.uri=sqlite:////home/me/mlflow.db")
+    assert described == "model=uni,bi train.seed=range(0,5)"

@@ -55,6 +55,12 @@ def wall_seconds(parent) -> float | None:
     return (parent.info.end_time - parent.info.start_time) / 1000
 
 
+def experiment_overrides(overrides: str) -> str:
+    """The sweep's command-line overrides less where it tracked (``tracking.*``: a store's
+    path or address is no part of the experiment, and would put a local path in the report)."""
+    return " ".join(o for o in overrides.split() if not o.lstrip("+~").startswith("tracking."))
+
+
 def describe_sweeps(found: sweep_runs.SweepRuns) -> list[dict]:
     parents = {p.data.tags.get(sweep.SWEEP_TAG): p for p in found.parents}
     described = []
@@ -63,7 +69,7 @@ def describe_sweeps(found: sweep_runs.SweepRuns) -> list[dict]:
         tags = parent.data.tags if parent is not None else {}
         described.append({"id": sweep_id,
                           "parent": parent.info.run_id if parent is not None else None,
-                          "overrides": tags.get("sweep_overrides", "?"),
+                          "overrides": experiment_overrides(tags.get("sweep_overrides", "?")),
                           "preset": tags.get("preset", "?"), "launcher": tags.get("launcher", "?"),
                           "wall_seconds": wall_seconds(parent)})
     return described
