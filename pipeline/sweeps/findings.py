@@ -83,19 +83,35 @@ def _summary_rows(summary: pd.DataFrame, diffs: pd.DataFrame) -> str:
     return table + "\n\n" + pairs.to_markdown(index=False, disable_numparse=True)
 
 
-def claim_section(client, cfg: DictConfig, book: dict, out: Path) -> str:
-    finding = cfg.claim
-    missing = _not_run(client, finding, "the book configuration over 20 seeds per model")
+def _over_seeds(client, cfg: DictConfig, finding: DictConfig, what: str):
+    """The finding's runs summarised over seeds, (found, summary, bi - uni differences), or
+    the text saying what the section waits for."""
+    missing = _not_run(client, finding, what)
     if missing:
         return missing
     found = _fetch(client, finding)
-    summary = statistics.summarize(found.jobs)
-    diffs = statistics.differences(found.jobs, cfg.confidence)
+    return (found, statistics.summarize(found.jobs),
+            statistics.differences(found.jobs, cfg.confidence))
+
+
+def _per_seed_figure(found, summary, book_points: dict, path: Path) -> None:
     figures.save_png(figures.per_seed(statistics.finished(found.jobs),
-                                      list(summary["configuration"]),
-                                      {k: book["test"][k] for k in ("uni", "bi")}),
+                                      list(summary["configuration"]), book_points), path)
+
+
+def _verdicts(diffs: pd.DataFrame) -> str:
+    return " ".join(page.verdict(pair) for _, pair in diffs.iterrows())
+
+
+def claim_section(client, cfg: DictConfig, book: dict, out: Path) -> str:
+    finding = cfg.claim
+    compared = _over_seeds(client, cfg, finding, "the book configuration over 20 seeds per model")
+    if isinstance(compared, str):
+        return compared
+    found, summary, diffs = compared
+    _per_seed_figure(found, summary, {k: book["test"][k] for k in ("uni", "bi")},
                      out / "claim_per_seed.png")
-    answer = " ".join(page.verdict(pair) for _, pair in diffs.iterrows())
+    answer = _verdicts(diffs)
     return f"""**Question.** Is the bidirectional net (2170 parameters) better than the
 unidirectional one (2282), as the book's table 19-12 says from one unseeded run of each?
 
@@ -149,16 +165,12 @@ seeds of every size 4,000 times (percentile bootstrap).
 
 def fashion_section(client, cfg: DictConfig, out: Path) -> str:
     finding = cfg.fashion
-    missing = _not_run(client, finding, "both models over 5 seeds on Fashion-MNIST")
-    if missing:
-        return missing
-    found = _fetch(client, finding)
-    summary = statistics.summarize(found.jobs)
-    diffs = statistics.differences(found.jobs, cfg.confidence)
-    figures.save_png(figures.per_seed(statistics.finished(found.jobs),
-                                      list(summary["configuration"]), {}),
-                     out / "fashion_per_seed.png")
-    answer = " ".join(page.verdict(pair) for _, pair in diffs.iterrows())
+    compared = _over_seeds(client, cfg, finding, "both models over 5 seeds on Fashion-MNIST")
+    if isinstance(compared, str):
+        return compared
+    found, summary, diffs = compared
+    _per_seed_figure(found, summary, {}, out / "fashion_per_seed.png")
+    answer = _verdicts(diffs)
     return f"""**Question.** Does the bidirectional net's advantage carry over to another dataset of
 28x28 images read row by row, Fashion-MNIST (dataset `{found.dataset}`), with the book's
 architectures and schedules unchanged?
@@ -178,12 +190,10 @@ pipeline: these runs come from the stage commands below.
 
 def merges_section(client, cfg: DictConfig, out: Path) -> str:
     finding = cfg.merges
-    missing = _not_run(client, finding, "bi with sum, concat, mean and mul")
-    if missing:
-        return missing
-    found = _fetch(client, finding)
-    summary = statistics.summarize(found.jobs)
-    diffs = statistics.differences(found.jobs, cfg.confidence)
+    compared = _over_seeds(client, cfg, finding, "bi with sum, concat, mean and mul")
+    if isinstance(compared, str):
+        return compared
+    found, summary, diffs = compared
     bi = summary[summary["kind"] == "bi"].sort_values("test_acc_best_mean", ascending=False)
     ranking = ", ".join(f"`{row.configuration}` {formatting.percent(row.test_acc_best_mean)} "
                         f"({row.param_count} parameters, {row.seeds} seeds)"
