@@ -7,14 +7,15 @@ reports/, data/prepared/, multirun/, outputs/), inside Hydra's own ``outputs/`` 
 (absolute paths separated by ``:``; the tests list their temporary folders there). A folder
 that a stage replaces whole must not exist, be empty, carry the marker that
 :func:`pipeline.files.publish_dir` leaves in what it writes, or be one of the places where the
-shipped configuration puts its outputs. Anything else is a one-line :class:`ConfigError`
-naming the key.
+shipped configuration puts its outputs (DEFAULT_PLACES). Anything else is a one-line
+:class:`ConfigError` naming the key.
 """
 
 from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from fnmatch import fnmatchcase
 from pathlib import Path
 
 from pipeline.errors import ConfigError, StageError
@@ -26,10 +27,11 @@ HYDRA_AREAS = ("outputs", "multirun")  # Hydra's defaults, relative to the worki
 ROOTS_ENV = "BIRNN_OUTPUT_ROOTS"
 MARKER = ".birnn-output"  # in every folder publish_dir writes; ignored by git and DVC
 
-# Where the shipped configuration writes whole folders. Outputs restored by DVC or git (and
-# those written before folders were marked) carry no marker; these places are ours anyway.
-DEFAULT_FOLDERS = ("data/prepared", "evaluation", "reports/table_19_12", "reports/findings")
-DEFAULT_PARENTS = ("models", "reports/sweeps")  # models/<name>/, reports/sweeps/<id>/
+# Where the shipped configuration writes whole folders (a * is one folder name: a dataset, a
+# model, a sweep id). Outputs restored by DVC or git (and those written before folders were
+# marked) carry no marker; these places are ours anyway.
+DEFAULT_PLACES = ("data/prepared/*", "evaluation/*", "models/*/*", "reports/table_19_12/*",
+                  "reports/sweeps/*", "reports/findings")
 
 
 # The staging folders of the outputs being written (files.publish_dir), and their targets:
@@ -68,9 +70,13 @@ def resolve(key: str, value: str | os.PathLike, base: Path | None = None) -> Pat
 
 
 def _is_default_location(path: Path) -> bool:
-    root = paths.PROJECT_ROOT
-    return (any(path == (root / folder).resolve() for folder in DEFAULT_FOLDERS)
-            or any(path.parent == (root / parent).resolve() for parent in DEFAULT_PARENTS))
+    root = paths.PROJECT_ROOT.resolve()
+    if root not in path.parents:
+        return False
+    parts = path.relative_to(root).parts
+    return any(len(parts) == len(place.split("/"))
+               and all(fnmatchcase(part, pattern) for part, pattern in zip(parts, place.split("/")))
+               for place in DEFAULT_PLACES)
 
 
 def check_replaceable(key: str, path: Path) -> None:
@@ -150,7 +156,8 @@ def stage_outputs(config_name: str, cfg, job_dir: Path | None = None) -> list[Ou
         return [_check("paths.evaluation_dir", configured.evaluation_dir, replaced=True),
                 _check("paths.metrics_dir", configured.metrics_dir)]
     if config_name == "compare":
-        return [_check("paths.reports_dir", Path(str(configured.reports_dir)) / "table_19_12",
+        return [_check("paths.reports_dir",
+                       Path(str(configured.reports_dir)) / "table_19_12" / str(cfg.dataset),
                        replaced=True)]
     if configured is not None and "reports_dir" in configured:  # sweep reports, findings
         return [_check("paths.reports_dir", configured.reports_dir)]

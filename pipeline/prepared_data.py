@@ -41,15 +41,20 @@ def write(folder: Path, splits: Mapping[str, tuple[np.ndarray, np.ndarray]],
     return meta
 
 
-def read_meta(folder: Path) -> dict:
+def read_meta(folder: Path, dataset: str | None = None) -> dict:
+    """meta.json of ``folder``; with ``dataset``, it must be that dataset's."""
     path = folder / META
+    prepare = f"python -m pipeline.stages.prepare data={dataset or '<dataset>'}"
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        meta = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
-        raise DataError(f"{path}: no such file: run the prepare stage first "
-                        f"(python -m pipeline.stages.prepare)") from None
+        raise DataError(f"{path}: no such file: run the prepare stage first ({prepare})") from None
     except (OSError, ValueError) as exc:
         raise DataError(f"{path}: unreadable: {exc}") from None
+    if dataset is not None and meta.get("dataset") != dataset:
+        raise DataError(f"{path}: holds {meta.get('dataset')!r} data, not {dataset!r}: "
+                        f"rerun {prepare}, or set paths.prepared_dir to its folder")
+    return meta
 
 
 def fingerprint(meta: dict) -> str:

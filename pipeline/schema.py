@@ -92,12 +92,13 @@ class TrackingConfig:
 
 @dataclass
 class PathsConfig:
-    """Locations relative to the project root (absolute paths are kept as they are)."""
+    """Locations relative to the project root (absolute paths are kept as they are); those of
+    the pipeline's stages are per dataset (the stage config's ``dataset``)."""
 
-    prepared_dir: str = "data/prepared"
-    models_dir: str = "models"
-    metrics_dir: str = "metrics"
-    evaluation_dir: str = "evaluation"
+    prepared_dir: str = "data/prepared/${dataset}"
+    models_dir: str = "models/${dataset}"
+    metrics_dir: str = "metrics/${dataset}"
+    evaluation_dir: str = "evaluation/${dataset}"
     reports_dir: str = "reports"
     book_numbers: str = "data/book/table_19_12.yaml"
 
@@ -107,6 +108,7 @@ class PathsConfig:
 class PrepareStage:
     data: DataConfig = MISSING
     paths: PathsConfig = MISSING
+    dataset: str = "${data.name}"  # the folder name under the per-dataset paths
 
 
 @dataclass
@@ -115,13 +117,15 @@ class TrainStage:
     train: TrainConfig = MISSING
     tracking: TrackingConfig = MISSING
     paths: PathsConfig = MISSING
-    name: str = "${model.kind}"  # models/<name>/ and the MLflow run name
+    dataset: str = "mnist"  # a prepared dataset: data/prepared/<dataset>/ (conf/data/<dataset>.yaml)
+    name: str = "${model.kind}"  # models/<dataset>/<name>/ and the MLflow run name
 
 
 @dataclass
 class EvaluateStage:
     tracking: TrackingConfig = MISSING
     paths: PathsConfig = MISSING
+    dataset: str = "mnist"
     models: List[str] = field(default_factory=lambda: ["uni", "bi"])
 
 
@@ -129,8 +133,9 @@ class EvaluateStage:
 class CompareStage:
     tracking: TrackingConfig = MISSING
     paths: PathsConfig = MISSING
+    dataset: str = "mnist"
     models: List[str] = field(default_factory=lambda: ["uni", "bi"])  # uni first, as the book
-    run_name: str = "table-19-12"
+    run_name: str = "table-19-12-${dataset}"
 
 
 @dataclass
@@ -341,6 +346,8 @@ def validate(cfg: DictConfig) -> DictConfig:
             _plain_name("models", name)
     if "name" in cfg:
         _plain_name("name", cfg.name)
+    if "dataset" in cfg:
+        _plain_name("dataset", cfg.dataset)
     if "sweep" in cfg and not OmegaConf.is_missing(cfg, "sweep"):  # reports/sweeps/<id>/
         for identifier in (cfg.sweep if OmegaConf.is_list(cfg.sweep) else [cfg.sweep]):
             _plain_name("sweep", identifier)

@@ -6,12 +6,19 @@ folder), so Hydra's outputs/ and MLflow's mlruns/ never land in the checkout.
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
+import time
+import urllib.error
+import urllib.request
 from pathlib import Path
+from typing import Iterator
 
 from pipeline.metric_names import CHECKPOINT_METRICS, TEST_METRICS  # noqa: F401  (re-exported)
 
@@ -64,6 +71,67 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+def http(url: str, body: dict | None = None, timeout: float = 10) -> tuple[int, bytes]:
+    """GET ``url``, or POST ``body`` as JSON; (status, body). An HTTP error raises."""
+    data = None if body is None else json.dumps(body).encode()
+    request = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=timeout) as response:
+        return response.status, response.read()
+
+
+def stop_group(process: subprocess.Popen, timeout: float = 15) -> None:
+    """SIGTERM the process group ``process`` leads, SIGKILL it if it lingers."""
+    try:
+        os.killpg(process.pid, signal.SIGTERM)
+        process.wait(timeout=timeout)
+    except ProcessLookupError:
+        pass
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait(timeout=timeout)
+
+
+@contextlib.contextmanager
+def http_service(args: list[str], ready_url: str, log: Path, timeout: float,
+                 cwd: Path, env: dict[str, str]) -> Iterator[subprocess.Popen]:
+    """Run ``args`` (`mlflow ui`, `mlflow models serve`) in its own process group, its output
+    in ``log``; yield once ``ready_url`` answers 200 (failing the test if the process dies or
+    ``timeout`` seconds pass first); stop the whole group afterwards."""
+    started = time.monotonic()
+    with open(log, "wb") as out:   # the process keeps its own copy of the descriptor
+        process = subprocess.Popen(args, cwd=cwd, env=env, stdout=out, stderr=subprocess.STDOUT,
+                                   start_new_session=True)
+    try:
+        while True:
+            try:
+                if http(ready_url, timeout=2)[0] == 200:
+                    break
+            except (urllib.error.URLError, ConnectionError, TimeoutError):
+                pass
+            assert process.poll() is None, log.read_text()[-3000:]
+            assert time.monotonic() - started < timeout, f"{ready_url} not up in {timeout} s: {log}"
+            time.sleep(0.25)
+        print(f"{Path(args[0]).name} {args[1]}: ready after {time.monotonic() - started:.1f} s")
+        yield process
+    finally:
+        stop_group(process)
+
+
+@contextlib.contextmanager
+def model_server(uri: str, tracking_uri: str, folder: Path, timeout: float = 120
+                 ) -> Iterator[str]:
+    """`mlflow models serve -m <uri> --env-manager local` on a free loopback port, against
+    ``tracking_uri``; yields the server's base URL. (It execs `uvicorn`: clean_env puts the
+    virtualenv's bin first on PATH, as `source .venv/bin/activate` would.)"""
+    port = free_port()
+    env = clean_env(MLFLOW_TRACKING_URI=tracking_uri, TMPDIR=str(folder))
+    with http_service([str(VENV_BIN / "mlflow"), "models", "serve", "-m", uri, "--env-manager",
+                       "local", "--host", "127.0.0.1", "--port", str(port)],
+                      f"http://127.0.0.1:{port}/ping", folder / "serve.log", timeout,
+                      cwd=folder, env=env):
+        yield f"http://127.0.0.1:{port}"
 
 
 def copy_project(dest: Path) -> Path:

@@ -32,7 +32,9 @@ def compose_cfg():
 def test_every_stage_config_composes_and_validates(compose_cfg, name):
     cfg = compose_cfg(name)
     assert schema.validate(cfg) is cfg
-    assert cfg.paths.prepared_dir == "data/prepared"
+    if "dataset" in cfg:  # the pipeline's stages: outputs per dataset (sweep reports: none)
+        assert cfg.paths.prepared_dir == "data/prepared/mnist"
+        assert cfg.dataset == "mnist"
 
 
 def test_book_preset_is_the_default_and_has_the_books_settings(compose_cfg):

@@ -11,10 +11,9 @@ import yaml
 from import_closure import closure
 from pipeline_testkit import ROOT, copy_project, dvc
 
-STAGES = {  # dvc stage -> (entry module, its Hydra config)
+STAGES = {  # dvc stage (each a foreach or matrix over datasets) -> (entry module, Hydra config)
     "prepare": ("pipeline.stages.prepare", "prepare"),
-    "train_uni": ("pipeline.stages.train", "train"),
-    "train_bi": ("pipeline.stages.train", "train"),
+    "train": ("pipeline.stages.train", "train"),
     "evaluate": ("pipeline.stages.evaluate", "evaluate"),
     "compare": ("pipeline.stages.compare", "compare"),
 }
@@ -33,12 +32,17 @@ def code_deps(listed: list[str], root: Path) -> set[str]:
     return covered
 
 
+def stage_deps(definition: dict) -> list[str]:
+    """The deps of a stage definition: a plain or matrix stage's own, a foreach stage's `do`."""
+    return definition.get("do", definition)["deps"]
+
+
 @pytest.mark.parametrize("name", STAGES)
 def test_stage_code_deps_are_its_import_closure(name):
     stages = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
     module, config = STAGES[name]
     needed = closure(ROOT, module, ROOT / "conf" / f"{config}.yaml")
-    listed = code_deps(stages[name]["deps"], ROOT)
+    listed = code_deps(stage_deps(stages[name]), ROOT)
     assert not listed - needed, f"{name} lists modules it does not import: {sorted(listed - needed)}"
     assert not needed - listed, f"{name} misses modules it imports: {sorted(needed - listed)}"
 
@@ -57,7 +61,8 @@ def test_the_closure_follows_imports_and_hydra_targets():
 
 
 def changed_deps(project: Path) -> dict[str, set[str]]:
-    """Stage -> the deps `dvc status` reports as changed against dvc.lock."""
+    """Stage (train@mnist-uni, ...) -> the deps `dvc status` reports as changed against
+    dvc.lock."""
     status = json.loads(dvc(project, "status", "--json"))
     return {stage: {dep for entry in entries if isinstance(entry, dict)
                     for dep in entry.get("changed deps", {})}
@@ -75,6 +80,7 @@ def test_editing_report_or_sweep_code_reruns_only_its_stages(tmp_path, edited, r
     with open(project / edited, "a", encoding="utf-8") as handle:
         handle.write("\n# edited\n")
     after = changed_deps(project)
-    newly = {stage for stage in STAGES
-             if edited in after.get(stage, set()) - before.get(stage, set())}
-    assert newly == rerun
+    newly = {stage for stage in after if edited in after[stage] - before.get(stage, set())}
+    assert {stage.split("@")[0] for stage in newly} == rerun
+    if rerun:  # for every dataset
+        assert {stage.split("@")[1] for stage in newly} == {"mnist", "fashion_mnist"}

@@ -64,7 +64,7 @@ def test_a_read_only_data_folder_stops_prepare_before_it_reads_anything(project)
     result = under_mounts(read_only(project / "data"), "pipeline.stages.prepare", cwd=project)
     assert result.returncode == 1
     assert error_lines(result) == [
-        f"error: paths.prepared_dir: {project / 'data' / 'prepared'}: cannot write: read-only "
+        f"error: paths.prepared_dir: {project / 'data' / 'prepared' / 'mnist'}: cannot write: read-only "
         f"file system ({project / 'data'})"]
     assert "reading" not in result.stdout + result.stderr
 
@@ -75,8 +75,8 @@ def test_a_read_only_reports_folder_stops_compare_in_one_line(project):
                           cwd=project)
     assert result.returncode == 1
     assert error_lines(result) == [
-        f"error: paths.reports_dir: {project / 'reports' / 'table_19_12'}: cannot write: "
-        f"read-only file system ({project / 'reports'})"]
+        f"error: paths.reports_dir: {project / 'reports' / 'table_19_12' / 'mnist'}: cannot "
+        f"write: read-only file system ({project / 'reports' / 'table_19_12'})"]
     assert not (project / "mlflow.db").exists()  # stopped before it touched the store
 
 

@@ -38,13 +38,13 @@ def snapshot(project: Path) -> dict[str, str]:
 
 @pytest.fixture(scope="module")
 def project(tmp_path_factory) -> Path:
-    """A copy of the project with outputs in place, as after `dvc repro`: models/uni/,
-    evaluation/, and a symlink inside models/ that points at the raw data."""
+    """A copy of the project with outputs in place, as after `dvc repro`: models/mnist/uni/,
+    evaluation/mnist/, and a symlink inside models/ that points at the raw data."""
     copy = copy_project(tmp_path_factory.mktemp("hostile") / "project")
-    (copy / "models" / "uni").mkdir(parents=True)
-    (copy / "models" / "uni" / "best.npz").write_bytes(b"weights")
-    (copy / "evaluation" / "uni").mkdir(parents=True)
-    (copy / "evaluation" / "uni" / "details.json").write_text("{}")
+    (copy / "models" / "mnist" / "uni").mkdir(parents=True)
+    (copy / "models" / "mnist" / "uni" / "best.npz").write_bytes(b"weights")
+    (copy / "evaluation" / "mnist" / "uni").mkdir(parents=True)
+    (copy / "evaluation" / "mnist" / "uni" / "details.json").write_text("{}")
     (copy / "models" / "link").symlink_to(copy / "data")
     return copy
 
@@ -60,15 +60,17 @@ HOSTILE = [  # stage, overrides, the start of the one error line
     ("prepare", ["paths.prepared_dir=models/link"], "paths.prepared_dir: 'models/link' resolves"),
     ("prepare", ["paths.prepared_dir=models"], "paths.prepared_dir: {project}/models is a "
                                                "non-empty folder this pipeline did not write"),
-    ("prepare", ["paths.prepared_dir=reports/table_19_12/report.md"],
-     "paths.prepared_dir: {project}/reports/table_19_12/report.md is a file"),
+    ("prepare", ["paths.prepared_dir=reports/table_19_12/mnist/report.md"],
+     "paths.prepared_dir: {project}/reports/table_19_12/mnist/report.md is a file"),
+    ("prepare", ["paths.prepared_dir=models/mnist"], "paths.prepared_dir: {project}/models/mnist "
+                                                     "is a non-empty folder"),
     ("prepare", ["hydra.run.dir=data/raw/mnist"], "hydra.run.dir: 'data/raw/mnist' resolves"),
     ("train", ["paths.models_dir=data", "name=raw"], "paths.models_dir: 'data/raw' resolves"),
     ("train", ["name=.."], "name: must be a plain folder name"),
     ("train", ["-m", "hydra.sweep.dir=data/sweep", "model=uni"], "hydra.sweep.dir: 'data/sweep'"),
     ("evaluate", ["paths.evaluation_dir=reports"], "paths.evaluation_dir: {project}/reports is "
                                                    "a non-empty folder"),
-    ("compare", ["paths.reports_dir=data"], "paths.reports_dir: 'data/table_19_12' resolves"),
+    ("compare", ["paths.reports_dir=data"], "paths.reports_dir: 'data/table_19_12/mnist' resolves"),
     ("sweeps.report", ["sweep=../../data"], "sweep: must be a plain folder name"),
 ]
 
@@ -120,11 +122,12 @@ def test_a_non_empty_folder_the_pipeline_did_not_write_is_never_replaced(tmp_pat
 
 
 def test_outputs_written_before_folders_were_marked_are_still_replaced(tmp_path, monkeypatch):
-    """data/prepared restored by DVC, models/<name>/ and reports/sweeps/<id>/ from git: the
-    places the shipped configuration writes to are the pipeline's, marker or not."""
+    """data/prepared/<dataset> restored by DVC, models/<dataset>/<name>/ and
+    reports/sweeps/<id>/ from git: the places the shipped configuration writes to are the
+    pipeline's, marker or not."""
     monkeypatch.setattr(paths, "PROJECT_ROOT", tmp_path)
-    for folder in ("data/prepared", "models/uni", "evaluation", "reports/table_19_12",
-                   "reports/sweeps/book-seeds"):
+    for folder in ("data/prepared/mnist", "models/mnist/uni", "evaluation/fashion_mnist",
+                   "reports/table_19_12/mnist", "reports/sweeps/book-seeds", "reports/findings"):
         (tmp_path / folder).mkdir(parents=True)
         (tmp_path / folder / "old.txt").write_text("old output")
         with files.publish_dir(tmp_path / folder) as staging:
@@ -133,9 +136,10 @@ def test_outputs_written_before_folders_were_marked_are_still_replaced(tmp_path,
             output_paths.MARKER, "new.txt"]
     (tmp_path / "models" / "notes").mkdir()
     (tmp_path / "models" / "notes" / "todo.txt").write_text("mine")
-    with pytest.raises(ConfigError, match="did not write"):  # models/ itself is not an output
-        with files.publish_dir(tmp_path / "models"):
-            pass
+    for folder in ("models", "models/mnist", "data/prepared", "reports/table_19_12"):
+        with pytest.raises(ConfigError, match="did not write"):  # these hold outputs, are none
+            with files.publish_dir(tmp_path / folder):
+                pass
 
 
 def _dead_pid() -> int:

@@ -172,7 +172,7 @@ def test_dvc_queue_runs_copies_that_track_into_the_projects_store(tmp_path_facto
     mlflow.db (DVC_ROOT points the copies at the project), and dvc exp show has the same
     numbers as MLflow."""
     project = copy_project(tmp_path_factory.mktemp("dvc_queue"))
-    (project / "params.yaml").write_text("experiment: quick\n")
+    (project / "params.yaml").write_text("experiment: quick\ndatasets: [mnist]\n")
     commit_all(project, "preset quick")
     # The store exists before the workers start, as after any earlier dvc repro (two first
     # uses of a fresh SQLite file race on its schema migration; tests/test_sweep*.py's topic).
@@ -201,7 +201,7 @@ def test_dvc_queue_runs_copies_that_track_into_the_projects_store(tmp_path_facto
     for run_ in runs:
         assert run_.info.status == "FINISHED"
         assert run_.data.params["train.train_limit"] == "2000"
-        test_json = experiments[int(run_.data.tags["seed"])]["metrics"]["metrics/test.json"]["data"]
+        test_json = experiments[int(run_.data.tags["seed"])]["metrics"]["metrics/mnist/test.json"]["data"]
         assert test_json[run_.data.tags["model_kind"]]["best"]["accuracy"] == \
             run_.data.metrics["test_acc_best"]
     # One store: the copies (deleted by now) wrote nothing of their own into the project.

@@ -7,10 +7,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
-import socket
-import subprocess
-import sys
 import tempfile
 import time
 import urllib.error
@@ -28,11 +24,11 @@ from birnn.data import scale_pixels
 from birnn.models import build_model
 from birnn.training import evaluate
 from pipeline.tracking import logged_model
+from pipeline_testkit import http, model_server
 
 MODELS = {"uni": {"kind": "uni", "hidden_size": 8, "seed": 0},
           "bi": {"kind": "bi", "hidden_fwd": 6, "hidden_bwd": 4, "merge": "concat", "seed": 1,
                  "dtype": "float32"}}
-SERVE_TIMEOUT = 60
 
 
 def images(n: int, seed: int = 0) -> np.ndarray:
@@ -238,19 +234,6 @@ def test_registered_alias_book_loads_the_same_model(use_store, tmp_path, capfd):
                           evaluate_stage_predictions(bi, imgs))
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def http(url: str, body: dict | None = None, timeout: float = 10):
-    data = None if body is None else json.dumps(body).encode()
-    request = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"})
-    with urllib.request.urlopen(request, timeout=timeout) as response:
-        return response.status, response.read()
-
-
 def test_served_alias_answers_with_the_numpy_models_digits(store, tmp_path):
     client, _, _ = store
     model, path = saved_model(tmp_path, "bi")
@@ -258,31 +241,9 @@ def test_served_alias_answers_with_the_numpy_models_digits(store, tmp_path):
                                   registered_model_name="served-digits")
     uri = logged_model.set_alias(client, "served-digits", info.registered_model_version)
     imgs = images(20, seed=3)
-    port = free_port()
-    # The server runs `bash -c "exec uvicorn ..."`: uvicorn must be on PATH even when the
-    # virtualenv is not activated (else: return code 127).
-    env = {**os.environ, "MLFLOW_TRACKING_URI": client.tracking_uri, "TMPDIR": str(tmp_path),
-           "PATH": os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])}
-    env.pop("MLFLOW_REGISTRY_URI", None)
-    started = time.monotonic()
-    with open(tmp_path / "serve.log", "wb") as log:     # the server keeps its own copy
-        server = subprocess.Popen(
-            [sys.executable, "-m", "mlflow", "models", "serve", "-m", uri,
-             "--env-manager", "local", "--host", "127.0.0.1", "--port", str(port)],
-            cwd=tmp_path, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    try:
-        while True:
-            try:
-                if http(f"http://127.0.0.1:{port}/ping", timeout=2)[0] == 200:
-                    break
-            except (urllib.error.URLError, ConnectionError, TimeoutError):
-                pass
-            assert server.poll() is None, (tmp_path / "serve.log").read_text()[-3000:]
-            assert time.monotonic() - started < SERVE_TIMEOUT, "server not up within 60 s"
-            time.sleep(0.25)
-        ready = time.monotonic() - started
+    with model_server(uri, client.tracking_uri, tmp_path) as url:
         frame = logged_model.images_frame(imgs)
-        status, body = http(f"http://127.0.0.1:{port}/invocations",
+        status, body = http(f"{url}/invocations",
                             {"dataframe_split": frame.to_dict(orient="split", index=False)})
         assert status == 200
         digits = json.loads(body)["predictions"]
@@ -293,18 +254,6 @@ def test_served_alias_answers_with_the_numpy_models_digits(store, tmp_path):
         bright[:, 0, 0] = 255
         scaled = logged_model.images_frame(bright) / 255
         with pytest.raises(urllib.error.HTTPError) as refused:
-            http(f"http://127.0.0.1:{port}/invocations",
-                 {"dataframe_split": scaled.to_dict(orient="split", index=False)})
+            http(f"{url}/invocations", {"dataframe_split": scaled.to_dict(orient="split", index=False)})
         assert refused.value.code == 400
         assert "no pixel above 1" in refused.value.read().decode()
-        print(f"serve: /ping after {ready:.1f} s, round trip done after "
-              f"{time.monotonic() - started:.1f} s")
-    finally:
-        try:
-            os.killpg(server.pid, signal.SIGTERM)
-            server.wait(timeout=10)
-        except ProcessLookupError:
-            pass
-        except subprocess.TimeoutExpired:
-            os.killpg(server.pid, signal.SIGKILL)
-            server.wait(timeout=10)

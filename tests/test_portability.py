@@ -30,15 +30,15 @@ def locked_md5(project, out: str) -> str:
 def test_prepare_in_a_fresh_copy_elsewhere_reproduces_the_committed_hash(prepared_dir,
                                                                          tmp_path):
     project = copy_project(tmp_path / "somewhere" / "else" / "birnn")
-    dvc(project, "repro", "prepare")
+    dvc(project, "repro", "prepare@mnist")
 
-    assert locked_md5(project, "data/prepared") == locked_md5(ROOT, "data/prepared")
-    made_here, made_there = prepared_dir, project / "data" / "prepared"  # another root and cwd
+    assert locked_md5(project, "data/prepared/mnist") == locked_md5(ROOT, "data/prepared/mnist")
+    made_here, made_there = prepared_dir, project / "data" / "prepared" / "mnist"  # elsewhere
     names = sorted(p.name for p in made_here.iterdir())
     assert names == sorted(p.name for p in made_there.iterdir())
     for name in names:
         assert (made_here / name).read_bytes() == (made_there / name).read_bytes(), name
-    assert "changed outs" not in dvc(project, "status", "prepare")
+    assert "changed outs" not in dvc(project, "status", "prepare@mnist")
 
 
 @pytest.fixture
@@ -70,7 +70,7 @@ def test_model_files_hold_no_absolute_path_of_the_checkout(checkout, prepared_di
     assert {p.name for p in written} >= {"config.yaml", "run.json", "train_uni.json"}
     for path in written:
         assert str(checkout).encode() not in path.read_bytes(), path
-    run_info = json.loads((checkout / "models" / "uni" / "run.json").read_text())
+    run_info = json.loads((checkout / "models" / "mnist" / "uni" / "run.json").read_text())
     assert run_info["tracking_uri"] == "sqlite:///mlflow.db"  # relative to the project root
 
 

@@ -10,19 +10,14 @@ registry of a server is exercised too. Screenshots go to a temporary folder (pri
 from __future__ import annotations
 
 import json
-import os
-import signal
-import subprocess
 import time
-import urllib.error
-import urllib.request
-from pathlib import Path
 
 import pytest
 from mlflow.tracking import MlflowClient
 
 from pipeline.stages import compare
-from pipeline_testkit import VENV_BIN, clean_env, commit_all, copy_project, free_port, run
+from pipeline_testkit import (VENV_BIN, clean_env, commit_all, copy_project, free_port,
+                              http_service, run)
 
 pytestmark = pytest.mark.ui
 
@@ -32,31 +27,6 @@ UI_START_SECONDS = 120            # `mlflow ui` answers /health after 15-20 s on
 PAGE_TIMEOUT_MS = 30_000
 
 
-def wait_for_health(url: str, server: subprocess.Popen, log: Path) -> None:
-    started = time.monotonic()
-    while True:
-        try:
-            with urllib.request.urlopen(f"{url}/health", timeout=2) as answer:
-                if answer.status == 200:
-                    return
-        except (urllib.error.URLError, ConnectionError, TimeoutError):
-            pass
-        assert server.poll() is None, log.read_text()[-3000:]
-        assert time.monotonic() - started < UI_START_SECONDS, f"{url} not up: {log}"
-        time.sleep(0.5)
-
-
-def stop(server: subprocess.Popen) -> None:
-    try:
-        os.killpg(server.pid, signal.SIGTERM)
-        server.wait(timeout=15)
-    except ProcessLookupError:
-        pass
-    except subprocess.TimeoutExpired:
-        os.killpg(server.pid, signal.SIGKILL)
-        server.wait(timeout=15)
-
-
 @pytest.fixture(scope="module")
 def ui(tmp_path_factory):
     """`mlflow ui` on a free port over a fresh store, filled by the quick pipeline through it."""
@@ -64,23 +34,20 @@ def ui(tmp_path_factory):
     root = tmp_path_factory.mktemp("ui")
     port = free_port()
     url = f"http://127.0.0.1:{port}"
-    log = root / "mlflow-ui.log"
-    with open(log, "wb") as out:
-        server = subprocess.Popen(
+    with http_service(
             [str(VENV_BIN / "mlflow"), "ui", "--backend-store-uri",
              f"sqlite:///{root / 'mlflow.db'}", "--artifacts-destination", str(root / "artifacts"),
-             "--host", "127.0.0.1", "--port", str(port)],
-            cwd=root, env=clean_env(MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false"), stdout=out,
-            stderr=subprocess.STDOUT, start_new_session=True)
-    try:
-        wait_for_health(url, server, log)
+             "--host", "127.0.0.1", "--port", str(port)], f"{url}/health", root / "mlflow-ui.log",
+            UI_START_SECONDS, cwd=root, env=clean_env(MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false")):
         project = copy_project(root / "project")
-        (project / "params.yaml").write_text("experiment: quick\n")
+        params = (project / "params.yaml").read_text()
+        (project / "params.yaml").write_text(params.replace("experiment: book", "experiment: quick"))
         commit_all(project, "preset quick")
-        result = run(["dvc", "repro"], cwd=project, timeout=1800, MLFLOW_TRACKING_URI=url)
+        result = run(["dvc", "repro", "compare@mnist"], cwd=project, timeout=1800,
+                     MLFLOW_TRACKING_URI=url)
         assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
         client = MlflowClient(url)
-        runs = {name: json.loads((project / "models" / name / "run.json").read_text())["run_id"]
+        runs = {name: json.loads((project / "models" / "mnist" / name / "run.json").read_text())["run_id"]
                 for name in ("uni", "bi")}
         shots = root / "screenshots"
         shots.mkdir()
@@ -88,9 +55,7 @@ def ui(tmp_path_factory):
         yield {"url": url, "client": client, "runs": runs, "shots": shots,
                "report": client.get_run(runs["uni"]).data.tags["mlflow.parentRunId"],
                "experiment_id": client.get_experiment_by_name(EXPERIMENT).experiment_id}
-    finally:
-        stop(server)
-        print(f"ui tests: {time.monotonic() - started:.0f} s in all")
+    print(f"ui tests: {time.monotonic() - started:.0f} s in all")
 
 
 @pytest.fixture(scope="module")
@@ -167,13 +132,13 @@ def test_make_ui_link_opens_the_runs_with_the_comparison_columns(ui, page):
     assert page.get_by_text("Detect Issues").count() == 0
     page.get_by_text("Table 19-12 of the book, reproduced").first.wait_for()
     # The training runs are folded under the report run that compared them: unfold it.
-    page.locator(".ag-row", has_text="table-19-12").locator("button").first.click()
+    page.locator(".ag-row", has_text="table-19-12-mnist").locator("button").first.click()
     for name, count in (("uni", "2282"), ("bi", "2170")):
         cells = wait_for_cells(page, name, "params.`param_count`")
         metrics = client.get_run(ui["runs"][name]).data.metrics
         assert cells["params.`param_count`"] == count, cells
         assert float(cells["metrics.`test_acc_best`"]) == metrics["test_acc_best"], cells
-        assert cells["attributes.`Models`"].split() == [f"birnn-{name}", "v1"], cells
+        assert cells["attributes.`Models`"].split() == [f"birnn-mnist-{name}", "v1"], cells
     page.screenshot(path=ui["shots"] / "runs.png")
 
 
@@ -181,7 +146,7 @@ def test_compare_page_shows_both_parameter_counts(ui, page):
     page.goto(compare.runs_page_url(ui["client"], EXPERIMENT, base=ui["url"]),
               wait_until="networkidle")
     close_assistant(page)
-    page.locator(".ag-row", has_text="table-19-12").locator("button").first.click()
+    page.locator(".ag-row", has_text="table-19-12-mnist").locator("button").first.click()
     for name in ("uni", "bi"):   # tick the two runs, as a user does
         page.locator(".ag-row a", has_text=name).first.wait_for()
         row_id = page.evaluate("""name => [...document.querySelectorAll('.ag-row')].find(row =>
@@ -232,5 +197,5 @@ def test_training_run_page_says_what_was_trained_and_how_it_scored(ui, page):
     page.get_by_text("mnist-train").first.wait_for()   # the data it used
     page.screenshot(path=ui["shots"] / "run.png")
     # the server's registry holds the pipeline's versions, aliased by preset
-    version = ui["client"].get_model_version_by_alias("birnn-bi", "quick")
+    version = ui["client"].get_model_version_by_alias("birnn-mnist-bi", "quick")
     assert version.run_id == run_id

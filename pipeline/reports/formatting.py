@@ -26,8 +26,11 @@ def loss(value, digits: int = 4) -> str:
     return "–" if _missing(value) else f"{value:.{digits}f}"
 
 
+DATASET_TITLES = {"mnist": "MNIST", "fashion_mnist": "Fashion-MNIST"}
+
+
 def dataset_title(dataset: str) -> str:
-    return "MNIST" if dataset == "mnist" else dataset
+    return DATASET_TITLES.get(dataset, dataset)
 
 
 def reference_warnings(presets: list[str], dataset: str) -> str:

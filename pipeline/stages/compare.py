@@ -1,12 +1,12 @@
 """Stage 4: table 19-12 next to ours, with figures, as a report and as an MLflow run.
 
-    python -m pipeline.stages.compare
+    python -m pipeline.stages.compare [dataset=fashion_mnist]
 
-Reads metrics/ (test.json, history_<name>.csv), evaluation/ and the training runs, checks that
-files and runs agree, and writes reports/table_19_12/ (report.md, table.csv, figures) whole.
-A report run in the training runs' experiment holds the same files, with the runs nested under
-it and the page as its description; the registered versions it compared get the alias of
-their preset (models:/birnn-bi@book).
+Reads metrics/<dataset>/ (test.json, history_<name>.csv), evaluation/<dataset>/ and the
+training runs, checks that files and runs agree, and writes reports/table_19_12/<dataset>/
+(report.md, table.csv, figures) whole. A report run in the training runs' experiment holds the
+same files, with the runs nested under it and the page as its description; the registered
+versions it compared get the alias of their preset (models:/birnn-mnist-bi@book).
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ from pipeline.tracking import runs, store
 
 log = logging.getLogger(__name__)
 
-REPORT_FOLDER = "table_19_12"
+REPORT_FOLDER = "table_19_12"  # reports/table_19_12/<dataset>/
 # A saved view of the experiment's runs table, with the columns of the comparison: in the UI's
 # "Views" menu, and opened by `make ui` (runs_page_url).
 VIEW_KEY = "table-19-12"
@@ -125,6 +125,10 @@ def collect(cfg: DictConfig, client) -> dict:
                          f"experiments ({', '.join(sorted(experiments))}): train them with one "
                          "tracking config")
     first = next(iter(found_runs.values()))
+    trained_on = {run.data.tags.get("dataset") for run in found_runs.values()}
+    if trained_on != {cfg.dataset}:
+        raise StageError(f"{project_path(paths.models_dir)}: the runs were trained on "
+                         f"{', '.join(sorted(map(str, trained_on)))}, not {cfg.dataset}: retrain")
     return {"ours": ours, "runs": found_runs, "run_infos": run_infos, "histories": histories,
             "confusions": confusions,
             "experiment": client.get_experiment(experiments.pop()).name,
@@ -170,7 +174,7 @@ def compare_task(cfg: DictConfig) -> None:
     training, best_checkpoints = describe_training(found_runs)
     merge = found_runs["bi"].data.params.get("model.merge") if "bi" in found_runs else None
     notes = table_19_12.notes(book, {n: tensor_counts(r) for n, r in found_runs.items()}, merge)
-    target = project_path(cfg.paths.reports_dir) / REPORT_FOLDER
+    target = project_path(cfg.paths.reports_dir) / REPORT_FOLDER / cfg.dataset
 
     tags = {"stage": "compare", "preset": found["preset"], "dataset": found["dataset"]}
     with runs.new_run(client, found["experiment"], cfg.run_name, tags) as report_run_id, \

@@ -1,11 +1,12 @@
 """Stage 3: test the best and the last parameters of every trained model.
 
-    python -m pipeline.stages.evaluate [models=[uni,bi]]
+    python -m pipeline.stages.evaluate [dataset=fashion_mnist] [models=[uni,bi]]
 
-Results go into each model's own training run (its id is in models/<name>/run.json; the best
-parameters' results onto its logged MLflow model too) and into metrics/test.json (all models,
-both rules), evaluation/<name>/details.json (per-class accuracy, confusion matrices) and
-metrics/predictions_<name>_<rule>.csv (DVC's confusion plots).
+Results go into each model's own training run (its id is in models/<dataset>/<name>/run.json;
+the best parameters' results onto its logged MLflow model too) and into
+metrics/<dataset>/test.json (all models, both rules), evaluation/<dataset>/<name>/details.json
+(per-class accuracy, confusion matrices) and metrics/<dataset>/predictions_<name>_<rule>.csv
+(DVC's confusion plots).
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ log = logging.getLogger(__name__)
 def evaluate_task(cfg: DictConfig) -> None:
     client = store.connect(cfg.tracking)
     data_dir = project_path(cfg.paths.prepared_dir)
-    meta = prepared_data.read_meta(data_dir)
+    meta = prepared_data.read_meta(data_dir, cfg.dataset)
     images, labels = prepared_data.load(data_dir, "test", meta)
     models_dir = project_path(cfg.paths.models_dir)
 

@@ -1,11 +1,11 @@
 """Stage 2: train one model and track it in MLflow; with -m, a sweep of them.
 
-    python -m pipeline.stages.train model=uni|bi [experiment=quick] [model.lr=0.02]
+    python -m pipeline.stages.train model=uni|bi [dataset=fashion_mnist] [experiment=quick]
     python -m pipeline.stages.train -m model=uni,bi 'train.seed=range(5)' hydra/launcher=joblib
 
-A single run writes models/<name>/ (best.npz, last.npz, config.yaml, run.json),
-metrics/train_<name>.json and metrics/history_<name>.csv, only once training succeeded, and
-registers its best parameters as a version of the MLflow model birnn-<name>. A sweep job
+A single run writes models/<dataset>/<name>/ (best.npz, last.npz, config.yaml, run.json),
+metrics/<dataset>/train_<name>.json and history_<name>.csv, only once training succeeded, and
+registers its best parameters as a version of the MLflow model birnn-<dataset>-<name>. A sweep job
 writes the same under its own folder (<sweep dir>/<job>/), registers nothing, tests its model
 on the test set before its run ends, and records a failure without stopping the other jobs.
 The task returns the best validation loss: the objective of a Hydra sweeper.
@@ -43,12 +43,12 @@ log = logging.getLogger(__name__)
 
 ARCHITECTURE_KEYS = {"uni": ("hidden_size",), "bi": ("hidden_fwd", "hidden_bwd", "merge")}
 CHAIN_KEYS = {"uni": ("hidden_size",), "bi": ("hidden_fwd", "hidden_bwd")}
-REGISTERED_MODEL = "birnn-{name}"   # single runs register their model under this name
+REGISTERED_MODEL = "birnn-{dataset}-{name}"   # single runs register their model under this name
 MODEL_DESCRIPTIONS = {
-    "uni": "Unidirectional vanilla RNN (tanh) of table 19-12, numpy: reads a 28 x 28 MNIST image "
+    "uni": "Unidirectional vanilla RNN (tanh) of table 19-12, numpy: reads a 28 x 28 image "
            "row by row, classifies from its last state.",
     "bi": "Bidirectional vanilla RNN (tanh) of table 19-12, numpy: a forward and a reversed chain "
-          "read a 28 x 28 MNIST image row by row; their final states are merged, then classified.",
+          "read a 28 x 28 image row by row; their final states are merged, then classified.",
 }
 
 
@@ -129,10 +129,10 @@ def save_model_files(folder, model: RNNClassifier, result: TrainResult, cfg: Dic
 
 def log_best_model(client, run_id: str, cfg: DictConfig, model_file, example, job) -> dict:
     """The best parameters as the run's MLflow model ``model``; a single run (not a sweep
-    job: a sweep would flood the registry) registers it as a new version of birnn-<name>.
+    job: a sweep would flood the registry) registers it as a new version of birnn-<dataset>-<name>.
     Returns what run.json records about it."""
     started = time.monotonic()
-    name = None if job is not None else REGISTERED_MODEL.format(name=cfg.name)
+    name = None if job is not None else REGISTERED_MODEL.format(dataset=cfg.dataset, name=cfg.name)
     info = logged_model.log_model(client, run_id, model_file, input_example=example,
                                   registered_model_name=name, tags={"rule": "best"})
     found = {"model_id": info.model_id, "model_uri": f"runs:/{run_id}/model"}
@@ -189,7 +189,7 @@ def train_task(cfg: DictConfig) -> float:
     job = sweep_job.current_job()  # None for a single run
     client = store.connect(cfg.tracking)  # before the work: an unreachable store fails fast
     data_dir = project_path(cfg.paths.prepared_dir)
-    meta = prepared_data.read_meta(data_dir)
+    meta = prepared_data.read_meta(data_dir, cfg.dataset)
     train_images, train_y = prepared_data.load(data_dir, "train", meta, cfg.train.train_limit)
     val_images, val_y = prepared_data.load(data_dir, "val", meta, cfg.train.val_limit)
     train_x = scale_pixels(train_images, cfg.train.dtype)

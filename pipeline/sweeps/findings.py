@@ -180,8 +180,10 @@ architectures and schedules unchanged?
 {_summary_rows(summary, diffs)}
 
 Means ± sample standard deviations over seeds; intervals: Welch's t at {100 * cfg.confidence:g}%.
-The book has no Fashion-MNIST numbers. Fashion-MNIST is not yet a dimension of the DVC
-pipeline: these runs come from the stage commands below.
+The book has no Fashion-MNIST numbers. The DVC pipeline makes the same table 19-12 for
+Fashion-MNIST from one seed (`dvc repro compare@fashion_mnist`:
+[`reports/table_19_12/fashion_mnist/`](table_19_12/fashion_mnist/report.md)); these runs are
+the five-seed sweep of the commands below.
 
 ![Per-seed test results on Fashion-MNIST]({FOLDER}/fashion_per_seed.png)
 
