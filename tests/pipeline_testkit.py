@@ -23,6 +23,7 @@ from typing import Iterator
 from pipeline.metric_names import CHECKPOINT_METRICS, TEST_METRICS  # noqa: F401  (re-exported)
 
 ROOT = Path(__file__).resolve().parent.parent
+RAW_MNIST = ROOT / "data" / "raw" / "mnist"
 VENV_BIN = Path(sys.executable).parent
 # One epoch on 1,000 samples, validated on 200 every half epoch: two checkpoints, seconds.
 TINY = ("experiment=quick", "train.epochs=1", "train.train_limit=1000", "train.val_limit=200",
@@ -54,6 +55,22 @@ def stage(module: str, *overrides: str, cwd: Path | None = None, timeout: float 
     ``python -m pipeline.<module>`` (``sweeps.report``), through the real entry point."""
     name = f"pipeline.stages.{module}" if module in STAGES else f"pipeline.{module}"
     return run([sys.executable, "-m", name, *overrides], cwd=cwd, timeout=timeout, **env)
+
+
+def raw_copy(tmp_path: Path) -> Path:
+    """A writable copy of the shipped MNIST files and their manifest, to damage."""
+    copy = tmp_path / "raw"
+    shutil.copytree(RAW_MNIST, copy)
+    for path in copy.iterdir():
+        path.chmod(0o644)
+    return copy
+
+
+def prepare_into(raw: Path, out: Path, *extra: str) -> subprocess.CompletedProcess:
+    """The prepare stage on the raw files in ``raw`` (verified by their own manifest) into
+    ``out``."""
+    return stage("prepare", f"data.raw_dir={raw}", f"data.manifest={raw / 'SHA256SUMS'}",
+                 f"paths.prepared_dir={out}", *extra, timeout=120)
 
 
 def dvc(project: Path, *args: str, timeout: float = 600) -> str:

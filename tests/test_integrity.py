@@ -7,7 +7,6 @@ from __future__ import annotations
 import gzip
 import hashlib
 import json
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -15,27 +14,13 @@ import pytest
 
 from birnn.data import ChecksumError, DataError, read_manifest, verify_manifest
 from pipeline import prepared_data
-from pipeline_testkit import ROOT, TINY, error_lines, stage
+from pipeline_testkit import TINY, error_lines, prepare_into, raw_copy, stage
 from test_data import idx_bytes
 
-RAW = ROOT / "data" / "raw" / "mnist"
 
 
 def sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
-def raw_copy(tmp_path: Path) -> Path:
-    copy = tmp_path / "raw"
-    shutil.copytree(RAW, copy)
-    for path in copy.iterdir():
-        path.chmod(0o644)
-    return copy
-
-
-def prepare_into(raw: Path, out: Path):
-    return stage("prepare", f"data.raw_dir={raw}", f"data.manifest={raw / 'SHA256SUMS'}",
-                 f"paths.prepared_dir={out}", timeout=120)
 
 
 # ----------------------------------------------------------------------------- manifests

@@ -9,9 +9,7 @@ from __future__ import annotations
 
 import json
 import re
-import shutil
 import tempfile
-from pathlib import Path
 
 import mlflow
 import numpy as np
@@ -22,26 +20,13 @@ from mlflow.tracking import MlflowClient
 
 from pipeline import prepared_data
 from pipeline.metric_names import PER_CLASS_TABLE, SUMMARY_METRICS
-from pipeline_testkit import (CHECKPOINT_METRICS, ROOT, TEST_METRICS, commit_all, copy_project,
-                              dvc, error_lines, http, model_server, run, stage)
+from pipeline_testkit import (CHECKPOINT_METRICS, RAW_MNIST, TEST_METRICS, commit_all,
+                              copy_project, dvc, error_lines, http, model_server, prepare_into,
+                              raw_copy, run, stage)
 
-RAW = ROOT / "data" / "raw" / "mnist"
 
 
 # ----------------------------------------------------------------------------- bad input
-def raw_copy(tmp_path: Path) -> Path:
-    copy = tmp_path / "raw"
-    shutil.copytree(RAW, copy)
-    for path in copy.iterdir():
-        path.chmod(0o644)
-    return copy
-
-
-def prepare_into(raw: Path, out: Path, *extra: str):
-    return stage("prepare", f"data.raw_dir={raw}", f"data.manifest={raw / 'SHA256SUMS'}",
-                 f"paths.prepared_dir={out}", *extra, timeout=120)
-
-
 def test_checksum_mismatch_fails_in_one_line_and_writes_nothing(tmp_path):
     raw = raw_copy(tmp_path)
     labels = raw / "t10k-labels-idx1-ubyte.gz"
@@ -98,7 +83,7 @@ def test_prepare_writes_the_books_split_as_uint8(prepared_dir):
 
 def test_prepare_is_byte_reproducible(prepared_dir, tmp_path):
     again = tmp_path / "again"
-    assert prepare_into(RAW, again).returncode == 0
+    assert prepare_into(RAW_MNIST, again).returncode == 0
     assert prepared_data.read_meta(again)["files_sha256"] == prepared_data.read_meta(prepared_dir)["files_sha256"]
 
 

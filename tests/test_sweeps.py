@@ -216,6 +216,8 @@ def test_failed_jobs_do_not_stop_the_others(failing):
     assert re.match(r"training loss became \S+ at epoch 0, iteration \d+ \(lr 1000000.0\)",
                     jobs[2].data.tags["error"])
     assert jobs[1].data.params["model.hidden_bwd"] == "10"  # a config failure keeps its config
+    assert jobs[1].data.params["dataset"] == "mnist"
+    assert {key.split(".")[0] for key in jobs[1].data.params} == {"model", "train", "dataset"}
 
 
 def test_a_sweep_with_failed_jobs_exits_1_naming_them(failing):

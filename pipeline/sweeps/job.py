@@ -251,12 +251,17 @@ def parent_run(client, job: Job):
     return parent
 
 
+EXPERIMENT_KEYS = ("model", "train", "dataset")  # what a failed job's run records as params
+
+
 def record_failed_job(cfg: DictConfig, error: str, script: str) -> None:
     """After a job failed: make sure MLflow shows it as a FAILED run with ``error``.
 
     A failure inside the training run has already marked that run FAILED; a failure before it
     existed (a configuration value the schema rejects, missing data) gets a FAILED run of its
-    own, with the job's configuration as params, so that the sweep still has one run per job.
+    own, with the job's experiment settings (model.*, train.*, dataset) as params, so that the
+    sweep still has one run per job; infrastructure (tracking, paths) is left out, as for
+    training runs.
     """
     job = current_job()
     client = store.connect(cfg.tracking)
@@ -270,10 +275,12 @@ def record_failed_job(cfg: DictConfig, error: str, script: str) -> None:
                                   "stage": "train", "model_kind": kind,
                                   runs.NOTE_TAG: f"Job {job.num} of sweep `{job.sweep_id}`: "
                                   f"it failed before its training started ({error[:1000]})."})
-    try:
-        params = runs.flatten(cfg)
-    except Exception:  # the failure may be an interpolation that does not resolve
-        params = {}
+    params = {}
+    for key in EXPERIMENT_KEYS:
+        try:
+            params.update(runs.flatten({key: cfg[key]}))
+        except Exception:  # the failure may be an interpolation that does not resolve
+            continue
     runs.log_params(client, run.info.run_id, params)
     runs.end_failed(client, run.info.run_id, error)
     log_progress(client, job.sweep_id)
