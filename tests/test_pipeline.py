@@ -113,7 +113,22 @@ def test_evaluate_without_training_names_the_missing_file(prepared_dir, tmp_path
     assert result.returncode == 1
     assert error_lines(result) == [
         f"error: {tmp_path / 'models' / 'uni' / 'run.json'}: no such file: train this model "
-        "first (python -m pipeline.stages.train model=uni)"]
+        "first (python -m pipeline.stages.train dataset=mnist model=uni)"]
+
+
+@pytest.mark.parametrize("stage_name", ["train", "evaluate"])
+def test_a_stage_refuses_prepared_data_of_another_dataset(stage_name, prepared_dir, tmp_path):
+    result = stage(stage_name, "dataset=fashion_mnist", f"paths.prepared_dir={prepared_dir}",
+                   f"paths.models_dir={tmp_path / 'models'}",
+                   f"paths.metrics_dir={tmp_path / 'metrics'}",
+                   f"paths.evaluation_dir={tmp_path / 'evaluation'}",
+                   f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}", timeout=60)
+    assert result.returncode == 1
+    assert error_lines(result) == [
+        f"error: {prepared_dir / 'meta.json'}: holds 'mnist' data, not 'fashion_mnist': rerun "
+        "python -m pipeline.stages.prepare data=fashion_mnist, or set paths.prepared_dir to its "
+        "folder"]
+    assert not (tmp_path / "models").exists() and not (tmp_path / "metrics").exists()
 
 
 def test_evaluate_refuses_a_model_trained_on_other_data(prepared_dir, tmp_path):
@@ -222,6 +237,18 @@ def test_fashion_mnist_gets_its_own_table_runs_and_registered_models(quick):
         assert version.run_id == run_.info.run_id
     parent = client.get_run(training_run(quick, "bi", "fashion_mnist").data.tags["mlflow.parentRunId"])
     assert parent.info.run_name == "table-19-12-fashion_mnist"
+
+
+def test_compare_refuses_runs_of_another_dataset(quick, tmp_path):
+    project = quick["project"]
+    result = stage("compare", "dataset=fashion_mnist", *(
+        f"paths.{key}_dir={project / key / 'mnist'}" for key in ("models", "metrics", "evaluation")),
+        f"paths.reports_dir={tmp_path / 'reports'}", f"tracking.uri={quick['client'].tracking_uri}",
+        timeout=120)
+    assert result.returncode == 1
+    assert error_lines(result) == [f"error: {project / 'models' / 'mnist'}: the runs were "
+                                   "trained on mnist, not fashion_mnist: retrain"]
+    assert not (tmp_path / "reports").exists()
 
 
 @pytest.mark.parametrize("name, params", [("uni", 2282), ("bi", 2170)])

@@ -1,8 +1,9 @@
 """The MLflow UI as a new user sees it, in a real browser: headless Chromium from Debian's
 packages (/usr/bin/chromium; Playwright's own browser downloads are not used), driven by
 Playwright for Python. `mlflow ui` serves a throwaway store on 127.0.0.1 and the quick
-pipeline (`dvc repro` in a copy of the project) logs into it THROUGH that server, so the
-registry of a server is exercised too. Screenshots go to a temporary folder (printed).
+pipeline on both datasets (`dvc repro` in a copy of the project) logs into it THROUGH that
+server, so the registry of a server is exercised too. Screenshots go to a temporary folder
+(printed; with `-n 0 -s`, since xdist workers' output is not shown).
 
     make test-ui      # = python -m pytest -m ui
 """
@@ -43,8 +44,7 @@ def ui(tmp_path_factory):
         params = (project / "params.yaml").read_text()
         (project / "params.yaml").write_text(params.replace("experiment: book", "experiment: quick"))
         commit_all(project, "preset quick")
-        result = run(["dvc", "repro", "compare@mnist"], cwd=project, timeout=1800,
-                     MLFLOW_TRACKING_URI=url)
+        result = run(["dvc", "repro"], cwd=project, timeout=1800, MLFLOW_TRACKING_URI=url)
         assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
         client = MlflowClient(url)
         runs = {name: json.loads((project / "models" / "mnist" / name / "run.json").read_text())["run_id"]
@@ -131,12 +131,14 @@ def test_make_ui_link_opens_the_runs_with_the_comparison_columns(ui, page):
     page.get_by_role("heading", name="Runs", exact=True).wait_for()   # not the GenAI pages
     assert page.get_by_text("Detect Issues").count() == 0
     page.get_by_text("Table 19-12 of the book, reproduced").first.wait_for()
-    # The training runs are folded under the report run that compared them: unfold it.
+    # One report run per dataset, the training runs folded under it: unfold MNIST's.
+    page.locator(".ag-row", has_text="table-19-12-fashion_mnist").first.wait_for()
     page.locator(".ag-row", has_text="table-19-12-mnist").locator("button").first.click()
     for name, count in (("uni", "2282"), ("bi", "2170")):
         cells = wait_for_cells(page, name, "params.`param_count`")
         metrics = client.get_run(ui["runs"][name]).data.metrics
         assert cells["params.`param_count`"] == count, cells
+        assert cells["tags.`dataset`"] == "mnist", cells
         assert float(cells["metrics.`test_acc_best`"]) == metrics["test_acc_best"], cells
         assert cells["attributes.`Models`"].split() == [f"birnn-mnist-{name}", "v1"], cells
     page.screenshot(path=ui["shots"] / "runs.png")

@@ -37,8 +37,8 @@ REPORT_FOLDER = "table_19_12"  # reports/table_19_12/<dataset>/
 # "Views" menu, and opened by `make ui` (runs_page_url).
 VIEW_KEY = "table-19-12"
 VIEW_COLUMNS = ["attributes.`Models`", "metrics.`test_acc_best`", "metrics.`test_loss_best`",
-                "metrics.`test_acc_last`", "params.`param_count`", "params.`hidden_units`",
-                "params.`model.lr`"]
+                "metrics.`test_acc_last`", "params.`param_count`", "params.`model.lr`",
+                "tags.`dataset`"]  # (the UI shows metrics, then params, then tags)
 
 
 def check_agreement(name: str, ours: dict, run, where: str) -> None:
@@ -106,7 +106,7 @@ def collect(cfg: DictConfig, client) -> dict:
         if name not in test:
             raise StageError(f"{test_path}: no results for model {name!r}: rerun evaluate")
         model_dir = project_path(paths.models_dir) / name
-        run_infos[name] = runs.read_run_info(model_dir)
+        run_infos[name] = runs.read_run_info(model_dir, cfg.dataset)
         found_runs[name] = runs.require_run(client, run_infos[name]["run_id"],
                                             str(model_dir / "run.json"))
         check_agreement(name, test[name], found_runs[name], str(test_path))

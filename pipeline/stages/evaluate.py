@@ -36,7 +36,7 @@ def evaluate_task(cfg: DictConfig) -> None:
     summary, per_model = {}, {}
     for name in cfg.models:
         model_dir = models_dir / name
-        run_info = runs.read_run_info(model_dir)
+        run_info = runs.read_run_info(model_dir, cfg.dataset)
         run_id = run_info["run_id"]
         runs.require_run(client, run_id, str(model_dir / "run.json"))
         if run_info.get("data_sha256") != prepared_data.fingerprint(meta):

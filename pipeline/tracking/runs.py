@@ -171,10 +171,11 @@ def log_data_inputs(client, run_id: str, source: str, fingerprint: str,
         for context, (name, rows) in datasets.items()])
 
 
-def read_run_info(model_dir: Path) -> dict:
-    """models/<name>/run.json, written by the train stage: which run holds this model."""
-    return read_json(model_dir / "run.json",
-                     hint=f"train this model first (python -m pipeline.stages.train model={model_dir.name})")
+def read_run_info(model_dir: Path, dataset: str) -> dict:
+    """models/<dataset>/<name>/run.json, written by the train stage: which run holds this
+    model."""
+    return read_json(model_dir / "run.json", hint="train this model first (python -m "
+                     f"pipeline.stages.train dataset={dataset} model={model_dir.name})")
 
 
 def require_run(client, run_id: str, where: str):

@@ -285,16 +285,17 @@ def connect(tracking: DictConfig, close_stale: bool = True) -> StoreClient:
 EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
 EXPERIMENT_DESCRIPTION = """\
 Table 19-12 of the book, reproduced: a unidirectional (`uni`) and a bidirectional (`bi`)
-vanilla RNN, numpy from scratch, classifying MNIST digits read row by row.
+vanilla RNN, numpy from scratch, classifying 28 x 28 images read row by row: MNIST digits,
+as the book, and Fashion-MNIST clothes (the `dataset` column).
 
 - Each training is a run named after its model; its page says what was trained and how it
-  scored. The DVC pipeline's two runs are folded under the report run `table-19-12`, whose
-  description is the table itself.
+  scored. The DVC pipeline's two runs of a dataset are folded under its report run
+  `table-19-12-<dataset>`, whose description is the table itself.
 - To compare: tick `uni` and `bi` and press **Compare** (parameter counts side by side,
   validation curves overlaid), or open the **Chart** view.
 - Test accuracy: `test_acc_best` (parameters of the lowest validation loss) and
   `test_acc_last` (after the final update). Each run logs its model (`model`); single runs
-  register it as `birnn-uni` / `birnn-bi` (Models tab).
+  register it as `birnn-<dataset>-uni` / `birnn-<dataset>-bi` (Models tab).
 - A sweep is a parent run `sweep <id>` with its jobs folded under it.
 """
 
