@@ -348,6 +348,9 @@ def validate(cfg: DictConfig) -> DictConfig:
         _plain_name("name", cfg.name)
     if "dataset" in cfg:
         _plain_name("dataset", cfg.dataset)
+        if "data" in cfg and cfg.dataset != cfg.data.name:  # prepare: the folder names the data
+            _fail("dataset", f"must be data.name ({cfg.data.name}) for the prepare stage: choose "
+                  "the dataset with data=<name>", cfg.dataset)
     if "sweep" in cfg and not OmegaConf.is_missing(cfg, "sweep"):  # reports/sweeps/<id>/
         for identifier in (cfg.sweep if OmegaConf.is_list(cfg.sweep) else [cfg.sweep]):
             _plain_name("sweep", identifier)

@@ -90,6 +90,9 @@ def test_quick_preset_shrinks_training_only(compose_cfg):
     ("train", ["name=a/b"], "name"),
     ("train", ["name=''"], "name"),
     ("evaluate", ["models=[uni,..]"], "models"),
+    ("train", ["dataset=../data"], "dataset"),  # data/prepared/<dataset>/, models/<dataset>/
+    ("compare", ["dataset="], "dataset"),
+    ("prepare", ["data=fashion_mnist", "dataset=mnist"], "dataset"),  # must name its data
     ("sweep_report", ["sweep=../../data"], "sweep"),  # reports/sweeps/<id>/
     ("sweep_report", ["sweep=[a,.hidden]"], "sweep"),
 ])
