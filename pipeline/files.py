@@ -24,9 +24,6 @@ import numpy as np
 from pipeline import output_paths
 from pipeline.errors import MissingInputError, StageError, is_environmental
 
-MARKER_TEXT = ("Written by the birnn pipeline (pipeline/files.py): a stage may replace this "
-               "folder whole.\n")
-
 # Temporary names carry their writer (process id and a hash of the host name), so that the
 # next run can tell a killed writer's leftovers from a live one's:
 #   .<target>.new.<pid>.<host>.<random>               staging folder
@@ -159,12 +156,13 @@ def _replace_dir(staging: Path, target: Path) -> None:
 
 
 @contextlib.contextmanager
-def publish_dir(target: str | os.PathLike) -> Iterator[Path]:
+def publish_dir(target: str | os.PathLike, kind: str) -> Iterator[Path]:
     """Yield an empty folder next to ``target``; on success it replaces ``target`` whole,
-    marked as the pipeline's (output_paths.MARKER); on failure it is deleted and ``target``
-    is left as it was. A non-empty ``target`` the pipeline did not write is refused."""
+    marked as the pipeline's output of ``kind`` (output_paths.MARKER, output_paths.KINDS); on
+    failure it is deleted and ``target`` is left as it was. A non-empty ``target`` the
+    pipeline did not write, or wrote as another kind, is refused."""
     target = output_paths.resolve("output folder", target)
-    output_paths.check_replaceable("output folder", target)
+    output_paths.check_replaceable("output folder", target, kind)
     with _writing(target):
         remove_leftovers(target)
         target.parent.mkdir(parents=True, exist_ok=True)
@@ -174,7 +172,8 @@ def publish_dir(target: str | os.PathLike) -> Iterator[Path]:
     try:
         with _writing(target):
             yield staging
-            (staging / output_paths.MARKER).write_text(MARKER_TEXT, encoding="utf-8")
+            (staging / output_paths.MARKER).write_text(output_paths.marker_text(kind),
+                                                       encoding="utf-8")
             os.chmod(staging, 0o755)  # mkdtemp makes folders private
             _replace_dir(staging, target)
     finally:

@@ -13,7 +13,7 @@ CHECKPOINT_METRICS = ("val_loss", "val_acc", "batch_loss", "batch_acc", "lr")
 # birnn's Checkpoint field -> the history CSV column and metric name, where they differ.
 CHECKPOINT_RENAMES = {"train_loss": "batch_loss", "train_acc": "batch_acc"}
 
-# A training run's summary, logged at step 0 (and written to metrics/train_<name>.json).
+# A training run's summary, logged at step 0 (and written to metrics/<dataset>/train_<name>.json).
 SUMMARY_METRICS = ("best_val_loss", "best_val_acc", "best_epoch", "best_iteration",
                    "train_seconds")
 

@@ -5,10 +5,10 @@ and must lie inside one of the project's output areas (models/, metrics/, evalua
 reports/, data/prepared/, multirun/, outputs/), inside Hydra's own ``outputs/`` or
 ``multirun/`` under the working directory, or under a folder listed in $BIRNN_OUTPUT_ROOTS
 (absolute paths separated by ``:``; the tests list their temporary folders there). A folder
-that a stage replaces whole must not exist, be empty, carry the marker that
-:func:`pipeline.files.publish_dir` leaves in what it writes, or be one of the places where the
-shipped configuration puts its outputs (DEFAULT_PLACES). Anything else is a one-line
-:class:`ConfigError` naming the key.
+that a stage replaces whole must not exist, be empty, or hold an output of the same kind
+(KINDS): one carrying the marker that :func:`pipeline.files.publish_dir` leaves in what it
+writes, naming the kind, or one in a place where the shipped configuration puts that kind.
+Anything else is a one-line :class:`ConfigError` naming the key.
 """
 
 from __future__ import annotations
@@ -27,11 +27,18 @@ HYDRA_AREAS = ("outputs", "multirun")  # Hydra's defaults, relative to the worki
 ROOTS_ENV = "BIRNN_OUTPUT_ROOTS"
 MARKER = ".birnn-output"  # in every folder publish_dir writes; ignored by git and DVC
 
-# Where the shipped configuration writes whole folders (a * is one folder name: a dataset, a
-# model, a sweep id). Outputs restored by DVC or git (and those written before folders were
-# marked) carry no marker; these places are ours anyway.
-DEFAULT_PLACES = ("data/prepared/*", "evaluation/*", "models/*/*", "reports/table_19_12/*",
-                  "reports/sweeps/*", "reports/findings")
+# The kinds of whole-folder output, and where the shipped configuration puts each (a * is one
+# folder name: a dataset, a model, a sweep id). Outputs restored by DVC or git (and those
+# written before folders were marked) carry no marker; these places are ours anyway, for
+# their own kind only: a stage never replaces another stage's output.
+KINDS = {
+    "prepared data": ("data/prepared/*",),
+    "model": ("models/*/*",),
+    "evaluation": ("evaluation/*",),
+    "report": ("reports/table_19_12/*", "reports/sweeps/*", "reports/findings"),
+}
+KIND_OF_KEY = {"paths.prepared_dir": "prepared data", "paths.models_dir": "model",
+               "paths.evaluation_dir": "evaluation", "paths.reports_dir": "report"}
 
 
 # The staging folders of the outputs being written (files.publish_dir), and their targets:
@@ -69,24 +76,49 @@ def resolve(key: str, value: str | os.PathLike, base: Path | None = None) -> Pat
     return path
 
 
-def _is_default_location(path: Path) -> bool:
+def _is_default_location(path: Path, kind: str) -> bool:
     root = paths.PROJECT_ROOT.resolve()
     if root not in path.parents:
         return False
     parts = path.relative_to(root).parts
     return any(len(parts) == len(place.split("/"))
                and all(fnmatchcase(part, pattern) for part, pattern in zip(parts, place.split("/")))
-               for place in DEFAULT_PLACES)
+               for place in KINDS[kind])
 
 
-def check_replaceable(key: str, path: Path) -> None:
-    """A folder a stage is about to replace whole: refuse one this pipeline did not write."""
+def marker_text(kind: str) -> str:
+    return ("Written by the birnn pipeline (pipeline/files.py): a stage writing this kind of "
+            f"output may replace this folder whole.\nkind: {kind}\n")
+
+
+UNNAMED = "unnamed"  # the kind of a marker written before markers named their kind
+
+
+def marked_kind(path: Path) -> str | None:
+    """The kind of output the marker in folder ``path`` names (UNNAMED for an old marker);
+    None without a marker."""
+    try:
+        text = (path / MARKER).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError):
+        return None
+    return next((line[len("kind: "):] for line in text.splitlines() if line.startswith("kind: ")),
+                UNNAMED)
+
+
+def check_replaceable(key: str, path: Path, kind: str) -> None:
+    """A folder a stage is about to replace whole with an output of ``kind``: refuse one this
+    pipeline did not write, or wrote as another kind of output."""
     if not path.exists() and not path.is_symlink():
         return
     if not path.is_dir():
         raise ConfigError(f"{key}: {path} is a file, not an output folder: refusing to replace it")
-    if (path / MARKER).is_file() or _is_default_location(path) or not any(path.iterdir()):
+    written = marked_kind(path)
+    if written in (kind, UNNAMED) or _is_default_location(path, kind) or not any(path.iterdir()):
         return
+    other = written or next((k for k in KINDS if _is_default_location(path, k)), None)
+    if other is not None:
+        raise ConfigError(f"{key}: {path} holds another stage's output ({other}), not "
+                          f"{kind}: refusing to replace it; name a new or empty folder")
     raise ConfigError(f"{key}: {path} is a non-empty folder this pipeline did not write (no "
                       f"{MARKER} in it): refusing to replace it; name a new or empty folder")
 
@@ -133,7 +165,7 @@ class Output:
 def _check(key: str, value, replaced: bool = False) -> Output:
     output = Output(key, resolve(key, value), replaced)
     if replaced:
-        check_replaceable(key, output.path)
+        check_replaceable(key, output.path, KIND_OF_KEY[key])
     return output
 
 

@@ -52,8 +52,9 @@ def read_meta(folder: Path, dataset: str | None = None) -> dict:
     except (OSError, ValueError) as exc:
         raise DataError(f"{path}: unreadable: {exc}") from None
     if dataset is not None and meta.get("dataset") != dataset:
-        raise DataError(f"{path}: holds {meta.get('dataset')!r} data, not {dataset!r}: "
-                        f"rerun {prepare}, or set paths.prepared_dir to its folder")
+        raise DataError(f"{path}: holds {meta.get('dataset')!r} data, not {dataset!r} (the "
+                        f"configured dataset): set dataset={meta.get('dataset')} to use it, or "
+                        f"run {prepare}")
     return meta
 
 

@@ -209,7 +209,7 @@ def _positive(key: str, value: float) -> None:
 
 
 def _plain_name(key: str, value: Any) -> None:
-    """A folder name under an output folder (models/<name>/): never a path."""
+    """A folder name under an output folder (models/<dataset>/<name>/): never a path."""
     name = str(value)
     if (not name.strip() or name in (".", "..") or name.startswith(".")
             or any(sep in name for sep in ("/", "\\", "\0"))):

@@ -37,7 +37,7 @@ def score(name: str, models: Mapping[str, RNNClassifier], images: np.ndarray,
 
 
 def load_rules(model_dir: Path) -> dict[str, RNNClassifier]:
-    """models/<name>/best.npz and last.npz, loaded."""
+    """models/<dataset>/<name>/best.npz and last.npz, loaded."""
     loaded = {}
     for rule in RULES:
         path = model_dir / f"{rule}.npz"
@@ -49,7 +49,7 @@ def load_rules(model_dir: Path) -> dict[str, RNNClassifier]:
 
 
 def summary_entry(param_count: int, results: Mapping[str, Evaluation]) -> dict:
-    """A model's entry of metrics/test.json."""
+    """A model's entry of metrics/<dataset>/test.json."""
     return {"param_count": param_count,
             **{rule: {"loss": ev.loss, "accuracy": ev.accuracy} for rule, ev in results.items()}}
 

@@ -124,10 +124,10 @@ def test_a_machine_fault_while_writing_an_output_names_the_output(tmp_path, monk
 
 def test_a_machine_fault_inside_a_published_folder_leaves_the_old_one(tmp_path, monkeypatch):
     target = tmp_path / "out"
-    with files.publish_dir(target) as staging:
+    with files.publish_dir(target, "report") as staging:
         (staging / "a.txt").write_text("first")
     with pytest.raises(StageError, match=f"^{target}: cannot write: No space left on device$"):
-        with files.publish_dir(target) as staging:
+        with files.publish_dir(target, "report") as staging:
             raise OSError(errno.ENOSPC, "No space left on device", str(staging / "a.txt"))
     assert (target / "a.txt").read_text() == "first"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]

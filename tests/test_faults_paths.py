@@ -38,9 +38,12 @@ def snapshot(project: Path) -> dict[str, str]:
 
 @pytest.fixture(scope="module")
 def project(tmp_path_factory) -> Path:
-    """A copy of the project with outputs in place, as after `dvc repro`: models/mnist/uni/,
-    evaluation/mnist/, and a symlink inside models/ that points at the raw data."""
+    """A copy of the project with outputs in place, as after `dvc repro`: data/prepared/mnist/,
+    models/mnist/uni/, evaluation/mnist/, and a symlink inside models/ that points at the raw
+    data."""
     copy = copy_project(tmp_path_factory.mktemp("hostile") / "project")
+    (copy / "data" / "prepared" / "mnist").mkdir(parents=True)
+    (copy / "data" / "prepared" / "mnist" / "meta.json").write_text("{}")
     (copy / "models" / "mnist" / "uni").mkdir(parents=True)
     (copy / "models" / "mnist" / "uni" / "best.npz").write_bytes(b"weights")
     (copy / "evaluation" / "mnist" / "uni").mkdir(parents=True)
@@ -70,6 +73,13 @@ HOSTILE = [  # stage, overrides, the start of the one error line
     ("train", ["-m", "hydra.sweep.dir=data/sweep", "model=uni"], "hydra.sweep.dir: 'data/sweep'"),
     ("evaluate", ["paths.evaluation_dir=reports"], "paths.evaluation_dir: {project}/reports is "
                                                    "a non-empty folder"),
+    # another stage's output, each at its own default place
+    ("prepare", ["paths.prepared_dir=reports/table_19_12/mnist"], "paths.prepared_dir: "
+     "{project}/reports/table_19_12/mnist holds another stage's output (report)"),
+    ("train", ["paths.models_dir=data/prepared", "name=mnist"], "paths.models_dir: "
+     "{project}/data/prepared/mnist holds another stage's output (prepared data)"),
+    ("evaluate", ["paths.evaluation_dir=models/mnist/uni"], "paths.evaluation_dir: "
+     "{project}/models/mnist/uni holds another stage's output (model)"),
     ("compare", ["paths.reports_dir=data"], "paths.reports_dir: 'data/table_19_12/mnist' resolves"),
     ("sweeps.report", ["sweep=../../data"], "sweep: must be a plain folder name"),
 ]
@@ -103,22 +113,39 @@ def test_a_non_empty_folder_the_pipeline_did_not_write_is_never_replaced(tmp_pat
     theirs.mkdir()
     (theirs / "thesis.tex").write_text("years of work")
     with pytest.raises(ConfigError, match="non-empty folder this pipeline did not write"):
-        with files.publish_dir(theirs) as staging:
+        with files.publish_dir(theirs, "model") as staging:
             (staging / "a.txt").write_text("output")
     assert [p.name for p in theirs.iterdir()] == ["thesis.tex"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["theirs"]  # no staging left
 
     ours = tmp_path / "ours"
     for text in ("first", "second"):  # new, then replaced: it carries the marker
-        with files.publish_dir(ours) as staging:
+        with files.publish_dir(ours, "model") as staging:
             (staging / "a.txt").write_text(text)
         assert (ours / output_paths.MARKER).is_file() and (ours / "a.txt").read_text() == text
 
     empty = tmp_path / "empty"
     empty.mkdir()
-    with files.publish_dir(empty) as staging:
+    with files.publish_dir(empty, "model") as staging:
         (staging / "a.txt").write_text("output")
     assert (empty / "a.txt").is_file()
+
+
+def test_an_output_of_one_kind_is_never_replaced_by_another_kind(tmp_path):
+    ours = tmp_path / "ours"
+    with files.publish_dir(ours, "model") as staging:
+        (staging / "best.npz").write_text("weights")
+    with pytest.raises(ConfigError, match=r"holds another stage's output \(model\), not report"):
+        with files.publish_dir(ours, "report"):
+            pass
+    assert sorted(p.name for p in ours.iterdir()) == [output_paths.MARKER, "best.npz"]
+    old = tmp_path / "old"  # marked before markers named their kind: still the pipeline's
+    old.mkdir()
+    (old / output_paths.MARKER).write_text("Written by the birnn pipeline\n")
+    (old / "a.txt").write_text("old")
+    with files.publish_dir(old, "report") as staging:
+        (staging / "a.txt").write_text("new")
+    assert output_paths.marked_kind(old) == "report"
 
 
 def test_outputs_written_before_folders_were_marked_are_still_replaced(tmp_path, monkeypatch):
@@ -126,11 +153,13 @@ def test_outputs_written_before_folders_were_marked_are_still_replaced(tmp_path,
     reports/sweeps/<id>/ from git: the places the shipped configuration writes to are the
     pipeline's, marker or not."""
     monkeypatch.setattr(paths, "PROJECT_ROOT", tmp_path)
-    for folder in ("data/prepared/mnist", "models/mnist/uni", "evaluation/fashion_mnist",
-                   "reports/table_19_12/mnist", "reports/sweeps/book-seeds", "reports/findings"):
+    for folder, kind in (("data/prepared/mnist", "prepared data"), ("models/mnist/uni", "model"),
+                         ("evaluation/fashion_mnist", "evaluation"),
+                         ("reports/table_19_12/mnist", "report"),
+                         ("reports/sweeps/book-seeds", "report"), ("reports/findings", "report")):
         (tmp_path / folder).mkdir(parents=True)
         (tmp_path / folder / "old.txt").write_text("old output")
-        with files.publish_dir(tmp_path / folder) as staging:
+        with files.publish_dir(tmp_path / folder, kind) as staging:
             (staging / "new.txt").write_text("new output")
         assert sorted(p.name for p in (tmp_path / folder).iterdir()) == [
             output_paths.MARKER, "new.txt"]
@@ -138,7 +167,12 @@ def test_outputs_written_before_folders_were_marked_are_still_replaced(tmp_path,
     (tmp_path / "models" / "notes" / "todo.txt").write_text("mine")
     for folder in ("models", "models/mnist", "data/prepared", "reports/table_19_12"):
         with pytest.raises(ConfigError, match="did not write"):  # these hold outputs, are none
-            with files.publish_dir(tmp_path / folder):
+            with files.publish_dir(tmp_path / folder, "model"):
+                pass
+    for folder, kind in (("models/mnist/uni", "prepared data"), ("data/prepared/mnist", "model"),
+                         ("reports/findings", "evaluation")):  # another kind's place
+        with pytest.raises(ConfigError, match="holds another stage's output"):
+            with files.publish_dir(tmp_path / folder, kind):
                 pass
 
 
@@ -165,7 +199,7 @@ def test_leftovers_of_killed_writers_are_removed_and_a_live_writers_kept(tmp_pat
     for name in kept:
         (tmp_path / name).mkdir()
 
-    with files.publish_dir(target) as staging:
+    with files.publish_dir(target, "report") as staging:
         (staging / "a.txt").write_text("new")
 
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["out", *kept])

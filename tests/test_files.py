@@ -25,11 +25,11 @@ def test_save_npz_gives_the_same_bytes_for_the_same_arrays(tmp_path):
 
 def test_publish_dir_replaces_the_folder_whole_or_not_at_all(tmp_path):
     target = tmp_path / "out"
-    with files.publish_dir(target) as staging:
+    with files.publish_dir(target, "report") as staging:
         (staging / "a.txt").write_text("first")
     assert (target / "a.txt").read_text() == "first"
     with pytest.raises(RuntimeError):
-        with files.publish_dir(target) as staging:
+        with files.publish_dir(target, "report") as staging:
             (staging / "a.txt").write_text("second")
             raise RuntimeError("stage failed")
     assert (target / "a.txt").read_text() == "first"

@@ -116,6 +116,17 @@ def test_evaluate_without_training_names_the_missing_file(prepared_dir, tmp_path
         "first (python -m pipeline.stages.train dataset=mnist model=uni)"]
 
 
+def test_prepare_refuses_to_file_one_dataset_under_anothers_name(tmp_path):
+    out = tmp_path / "prepared"
+    result = stage("prepare", "data.name=fashion_mnist", f"paths.prepared_dir={out}", timeout=60)
+    assert result.returncode == 1
+    assert error_lines(result) == [
+        "error: config error: data.name: 'fashion_mnist' is the name of "
+        "conf/data/fashion_mnist.yaml, not of data=mnist: choose it with data=fashion_mnist, "
+        "or give these files a name of their own"]
+    assert not out.exists()
+
+
 @pytest.mark.parametrize("stage_name", ["train", "evaluate"])
 def test_a_stage_refuses_prepared_data_of_another_dataset(stage_name, prepared_dir, tmp_path):
     result = stage(stage_name, "dataset=fashion_mnist", f"paths.prepared_dir={prepared_dir}",
@@ -125,9 +136,9 @@ def test_a_stage_refuses_prepared_data_of_another_dataset(stage_name, prepared_d
                    f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}", timeout=60)
     assert result.returncode == 1
     assert error_lines(result) == [
-        f"error: {prepared_dir / 'meta.json'}: holds 'mnist' data, not 'fashion_mnist': rerun "
-        "python -m pipeline.stages.prepare data=fashion_mnist, or set paths.prepared_dir to its "
-        "folder"]
+        f"error: {prepared_dir / 'meta.json'}: holds 'mnist' data, not 'fashion_mnist' (the "
+        "configured dataset): set dataset=mnist to use it, or run python -m "
+        "pipeline.stages.prepare data=fashion_mnist"]
     assert not (tmp_path / "models").exists() and not (tmp_path / "metrics").exists()
 
 

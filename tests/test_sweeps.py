@@ -258,6 +258,24 @@ def test_compare_of_an_unknown_sweep_fails_in_one_line(workspace, seeds):
     assert not (workspace["tmp"] / "reports" / "sweeps" / "no-such-sweep").exists()
 
 
+def test_a_report_over_runs_of_two_datasets_fails_in_one_line(workspace, seeds):
+    """bi on one dataset against uni on another says nothing about the book's claim."""
+    client = seeds["client"]
+    bi_runs = [run for run in runs_of(client, seeds["id"], "job")
+               if run.data.tags["model_kind"] == "bi"]
+    try:
+        for run in bi_runs:
+            client.set_tag(run.info.run_id, "dataset", "fashion_mnist")
+        result = compare(workspace, f"sweep={seeds['id']}")
+    finally:
+        for run in bi_runs:
+            client.set_tag(run.info.run_id, "dataset", "mnist")
+    assert result.returncode == 1
+    assert error_lines(result) == [
+        f"error: sweep={seeds['id']}: runs on several datasets (fashion_mnist, mnist); the "
+        "report compares uni with bi on one test set: report each dataset's sweep on its own"]
+
+
 def test_compare_refuses_a_confidence_outside_its_range(workspace):
     result = compare(workspace, "sweep=x", "confidence=1.5")
     assert result.returncode == 1

@@ -24,7 +24,7 @@ def build_table(book: dict, ours: Mapping[str, dict]) -> pd.DataFrame:
     """Rows: parameter count, then accuracy and loss on the test set with the best and with
     the last parameters. Columns: book_<model> for the book, ours_<model> for ours.
 
-    ``ours[name]`` is metrics/test.json's entry: {"param_count", "best": {"loss",
+    ``ours[name]`` is metrics/<dataset>/test.json's entry: {"param_count", "best": {"loss",
     "accuracy"}, "last": {...}}. Accuracies are fractions; the Markdown shows percent.
     """
     rows = [{"quantity": "parameter count", "rule": "",
@@ -108,7 +108,7 @@ FIGURES = {"validation_curves.png": "Validation loss and accuracy during trainin
 
 
 def models_line(models: Mapping[str, tuple[str, int, str | None]]) -> str:
-    """'The models: `models:/birnn-uni@book` (version 3), ...' for the registered models
+    """'The models: `models:/birnn-mnist-uni@book` (version 3), ...' for the registered models
     (``models[name]`` = (registered name, version, alias or None)); empty if there are none."""
     shown = [f"`models:/{registered}@{alias}`" if alias else f"`models:/{registered}/{version}`"
              for registered, version, alias in models.values()]
@@ -122,7 +122,7 @@ def models_line(models: Mapping[str, tuple[str, int, str | None]]) -> str:
 
 def page(table: pd.DataFrame, book: dict, context: dict, notes_text: str,
          figure_link: Callable[[str], str] = str) -> str:
-    """The whole reports/table_19_12/report.md. ``figure_link``: where a figure (its file
+    """The whole reports/table_19_12/<dataset>/report.md. ``figure_link``: where a figure (its file
     name) is linked from: beside the page by default; the report run's description links
     its artifacts."""
     runs = ", ".join(f"{name} `{run_id}`" for name, run_id in context["runs"].items())

@@ -42,7 +42,7 @@ VIEW_COLUMNS = ["attributes.`Models`", "metrics.`test_acc_best`", "metrics.`test
 
 
 def check_agreement(name: str, ours: dict, run, where: str) -> None:
-    """metrics/test.json must hold what the run has: else files and store are out of sync."""
+    """metrics/<dataset>/test.json must hold what the run has: else files and store are out of sync."""
     for rule in RULES:
         for key, metric in (("accuracy", test_metric("acc", rule)),
                             ("loss", test_metric("loss", rule))):
@@ -178,7 +178,7 @@ def compare_task(cfg: DictConfig) -> None:
 
     tags = {"stage": "compare", "preset": found["preset"], "dataset": found["dataset"]}
     with runs.new_run(client, found["experiment"], cfg.run_name, tags) as report_run_id, \
-            files.publish_dir(target) as staging:
+            files.publish_dir(target, "report") as staging:
         context = {"runs": {n: r.info.run_id for n, r in found_runs.items()},
                    "report_run": report_run_id, "training": training,
                    "best_checkpoints": best_checkpoints,

@@ -56,7 +56,7 @@ def evaluate_task(cfg: DictConfig) -> None:
                 f"evaluation/confusion_{rule}.png")
 
     metrics_dir = project_path(cfg.paths.metrics_dir)
-    with files.publish_dir(project_path(cfg.paths.evaluation_dir)) as staging:
+    with files.publish_dir(project_path(cfg.paths.evaluation_dir), "evaluation") as staging:
         for name, (_, _, results) in per_model.items():
             (staging / name).mkdir()
             files.write_json(staging / name / "details.json", scoring.details(results))

@@ -11,13 +11,14 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
+from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
 from birnn.data import load_mnist, mnist_files, sha256_file, shuffle_split, verify_manifest
 from pipeline import files, prepared_data
 from pipeline.entrypoint import stage
-from pipeline.errors import StageError
-from pipeline.paths import project_path
+from pipeline.errors import ConfigError, StageError
+from pipeline.paths import CONF_DIR, project_path
 
 log = logging.getLogger(__name__)
 
@@ -36,8 +37,18 @@ def raw_checksums(data: DictConfig, raw_dir: Path) -> dict:
     return {"verified_against": None, "sha256": {path.name: sha256_file(path) for path in read}}
 
 
+def check_name(data: DictConfig, chosen: str | None) -> None:
+    """``data.name`` names the output folder and the dataset downstream: it may name a new
+    dataset, never another data config's (``data.name=fashion_mnist`` on MNIST's files)."""
+    if data.name != chosen and (CONF_DIR / "data" / f"{data.name}.yaml").is_file():
+        raise ConfigError(f"data.name: {data.name!r} is the name of conf/data/{data.name}.yaml, "
+                          f"not of data={chosen}: choose it with data={data.name}, or give "
+                          "these files a name of their own")
+
+
 def prepare(cfg: DictConfig) -> None:
     data = cfg.data
+    check_name(data, HydraConfig.get().runtime.choices.get("data"))
     raw_dir = project_path(data.raw_dir)
     if not raw_dir.is_dir():
         hint = f": {data.install_hint}" if data.install_hint else ""
@@ -51,7 +62,7 @@ def prepare(cfg: DictConfig) -> None:
         train_images, train_labels, val_fraction=data.val_fraction, seed=data.split_seed)
 
     target = project_path(cfg.paths.prepared_dir)
-    with files.publish_dir(target) as staging:
+    with files.publish_dir(target, "prepared data") as staging:
         meta = prepared_data.write(
             staging,
             {"train": (train_x, train_y), "val": (val_x, val_y), "test": (test_images, test_labels)},

@@ -98,7 +98,7 @@ def run_params(cfg: DictConfig, counts: dict[str, int], n_train: int, n_val: int
 
 
 def summarize(result: TrainResult, param_count: int) -> dict:
-    """metrics/train_<name>.json, also logged as run metrics."""
+    """metrics/<dataset>/train_<name>.json, also logged as run metrics."""
     return {"best_val_loss": result.best.val_loss, "best_val_acc": result.best.val_acc,
             "best_epoch": result.best.epoch, "best_iteration": result.best.iteration,
             "last_val_loss": result.history[-1].val_loss,
@@ -107,7 +107,7 @@ def summarize(result: TrainResult, param_count: int) -> dict:
 
 
 def history_frame(result: TrainResult) -> pd.DataFrame:
-    """metrics/history_<name>.csv: one row per checkpoint, columns named as the metrics."""
+    """metrics/<dataset>/history_<name>.csv: one row per checkpoint, columns named as the metrics."""
     return pd.DataFrame([c.as_dict() for c in result.history]).rename(columns=CHECKPOINT_RENAMES)
 
 
@@ -148,7 +148,7 @@ def log_best_model(client, run_id: str, cfg: DictConfig, model_file, example, jo
 def self_test(client, run_id: str, cfg: DictConfig, model: RNNClassifier, result: TrainResult,
               data_dir, meta: dict, model_id: str | None = None) -> dict:
     """A sweep job tests its best and last parameters as the evaluate stage would, into its
-    run; returns the model's entry of metrics/test.json."""
+    run; returns the model's entry of metrics/<dataset>/test.json."""
     images, labels = prepared_data.load(data_dir, "test", meta)
     by_rule = {}
     for rule, params in (("best", result.best_params), ("last", result.last_params)):
@@ -230,7 +230,7 @@ def train_task(cfg: DictConfig) -> float:
                     "model": model.config, "dataset": meta["dataset"],
                     "data_sha256": prepared_data.fingerprint(meta)}
         # The training's outputs first: whatever the store does from here on, they are kept.
-        with files.publish_dir(target) as staging:
+        with files.publish_dir(target, "model") as staging:
             save_model_files(staging, model, result, cfg)
             files.write_json(staging / "run.json", run_info)
         files.write_text(metrics_dir / f"history_{cfg.name}.csv", history.to_csv(index=False))

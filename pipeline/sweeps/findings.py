@@ -221,7 +221,7 @@ def findings_task(cfg: DictConfig) -> None:
     client = store.connect(cfg.tracking)
     book = table_19_12.load_book(project_path(cfg.paths.book_numbers))
     reports = project_path(cfg.paths.reports_dir)
-    with files.publish_dir(reports / FOLDER) as out:
+    with files.publish_dir(reports / FOLDER, "report") as out:
         sections = {
             "1. The book's claim, over 20 seeds": claim_section(client, cfg, book, out),
             "2. Accuracy against parameter count": capacity_section(client, cfg, book, out),

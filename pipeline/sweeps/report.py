@@ -111,7 +111,7 @@ def sweep_report_task(cfg: DictConfig) -> None:
                "sweeps": describe_sweeps(found), "report_run": None}
 
     target = project_path(cfg.paths.reports_dir) / "sweeps" / found.report_id
-    with files.publish_dir(target) as staging:
+    with files.publish_dir(target, "report") as staging:
         if len(found.sweep_ids) == 1 and found.parents:  # the sweep's own parent holds it
             write_files(staging, page.page(context, summary, diffs, jobs, book), jobs,
                         summary, diffs, figure)

@@ -112,14 +112,20 @@ def _runs_of_one_sweep(client, sweep_id: str) -> list:
 def fetch(client, sweep_ids: list[str]) -> SweepRuns:
     """The job runs and parents of one or more sweeps (several: e.g. a uni seed sweep and a
     bi merge-mode sweep, which one Hydra sweep cannot hold since uni has no merge), checked:
-    one-line StageErrors for an unknown id, a sweep spread over several experiments or a
-    finished job without test metrics."""
+    one-line StageErrors for an unknown id, a sweep spread over several experiments, a
+    finished job without test metrics, or runs of several datasets (the report compares uni
+    with bi on one test set)."""
     ids = [sweep.check_id(identifier) for identifier in sweep_ids]
     runs = [run for identifier in dict.fromkeys(ids) for run in _runs_of_one_sweep(client, identifier)]
+    datasets = sorted({run.data.tags["dataset"] for run in runs if "dataset" in run.data.tags})
+    if len(datasets) > 1:  # (a job that failed before training has no dataset)
+        raise StageError(f"sweep={','.join(dict.fromkeys(ids))}: runs on several datasets "
+                         f"({', '.join(datasets)}); the report compares uni with bi on one "
+                         "test set: report each dataset's sweep on its own")
     parents = [parent for parent in (sweep.find_parent(client, i) for i in dict.fromkeys(ids))
                if parent is not None]
     settings = {training_settings(run.data.params) for run in runs if run.info.status == "FINISHED"}
     return SweepRuns(sweep_ids=list(dict.fromkeys(ids)), parents=parents, jobs=job_table(runs),
                      experiment=client.get_experiment(runs[0].info.experiment_id).name,
                      training="; ".join(sorted(settings)),
-                     dataset=", ".join(sorted({run.data.tags.get("dataset", "?") for run in runs})))
+                     dataset=datasets[0] if datasets else "?")
