@@ -28,8 +28,10 @@ LONG = ("experiment=quick", "train.epochs=1000", "train.train_limit=500", "train
         "train.batch_size=100", "tracking.flush_every_seconds=0")
 
 
-def start(tmp_path: Path, prepared_dir: Path, *overrides: str) -> subprocess.Popen:
-    """A training stage in its own process group, tracking into tmp_path/mlflow.db."""
+def start(tmp_path: Path, prepared_dir: Path, *overrides: str,
+          preexec_fn=None) -> subprocess.Popen:
+    """A training stage in its own process group, tracking into tmp_path/mlflow.db, with the
+    default disposition of SIGHUP and SIGTERM (or what ``preexec_fn`` sets)."""
     flags = [o for o in overrides if o.startswith("-")]  # (before the overrides: argparse)
     overrides = tuple(o for o in overrides if not o.startswith("-"))
     command = [sys.executable, "-m", "pipeline.stages.train", *flags, *LONG,
@@ -37,7 +39,16 @@ def start(tmp_path: Path, prepared_dir: Path, *overrides: str) -> subprocess.Pop
                f"paths.prepared_dir={prepared_dir}", f"paths.models_dir={tmp_path / 'models'}",
                f"paths.metrics_dir={tmp_path / 'metrics'}", *overrides]
     return subprocess.Popen(command, cwd=tmp_path, env=clean_env(), stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+                            stderr=subprocess.PIPE, text=True, start_new_session=True,
+                            preexec_fn=preexec_fn or default_stop_signals)
+
+
+def default_stop_signals() -> None:
+    """The stage starts with the default disposition of the signals under test, however
+    pytest was started: under `nohup` SIGHUP is inherited ignored, and the stage rightly
+    keeps ignoring it (test_a_stage_started_under_nohup_ignores_sighup)."""
+    for signum in (signal.SIGHUP, signal.SIGTERM):
+        signal.signal(signum, signal.SIG_DFL)
 
 
 def training_runs(client: MlflowClient, count: int, process: subprocess.Popen,
@@ -92,6 +103,28 @@ def test_sigterm_and_sighup_end_the_run_killed_in_one_line(prepared_dir, tmp_pat
     assert ended.info.status == "KILLED" and ended.data.tags["error"] == f"terminated ({name})"
     # No model folder, no staging folder: training never finished.
     assert not (tmp_path / "models").exists() or list((tmp_path / "models").iterdir()) == []
+
+
+@pytest.mark.slow
+def test_a_stage_started_under_nohup_ignores_sighup(prepared_dir, tmp_path):
+    def as_nohup() -> None:
+        default_stop_signals()
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)
+
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    process = start(tmp_path, prepared_dir, preexec_fn=as_nohup)
+    try:
+        (running,) = training_runs(client, 1, process)
+        process.send_signal(signal.SIGHUP)
+        time.sleep(3)
+        assert process.poll() is None  # still training
+        assert client.get_run(running.info.run_id).info.status == "RUNNING"
+        process.send_signal(signal.SIGTERM)
+        _, stderr = process.communicate(timeout=60)
+    finally:
+        stop_group(process)
+    assert process.returncode == 143, stderr[-3000:]
+    assert client.get_run(running.info.run_id).info.status == "KILLED"
 
 
 def test_a_killed_process_s_run_is_ended_by_the_stale_runs_command(prepared_dir, tmp_path):
