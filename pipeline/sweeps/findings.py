@@ -83,12 +83,8 @@ def _summary_rows(summary: pd.DataFrame, diffs: pd.DataFrame) -> str:
     return table + "\n\n" + pairs.to_markdown(index=False, disable_numparse=True)
 
 
-def _over_seeds(client, cfg: DictConfig, finding: DictConfig, what: str):
-    """The finding's runs summarised over seeds, (found, summary, bi - uni differences), or
-    the text saying what the section waits for."""
-    missing = _not_run(client, finding, what)
-    if missing:
-        return missing
+def _over_seeds(client, cfg: DictConfig, finding: DictConfig):
+    """The finding's runs summarised over seeds: (found, summary, bi - uni differences)."""
     found = _fetch(client, finding)
     return (found, statistics.summarize(found.jobs),
             statistics.differences(found.jobs, cfg.confidence))
@@ -105,10 +101,7 @@ def _verdicts(diffs: pd.DataFrame) -> str:
 
 def claim_section(client, cfg: DictConfig, book: dict, out: Path) -> str:
     finding = cfg.claim
-    compared = _over_seeds(client, cfg, finding, "the book configuration over 20 seeds per model")
-    if isinstance(compared, str):
-        return compared
-    found, summary, diffs = compared
+    found, summary, diffs = _over_seeds(client, cfg, finding)
     _per_seed_figure(found, summary, {k: book["test"][k] for k in ("uni", "bi")},
                      out / "claim_per_seed.png")
     answer = _verdicts(diffs)
@@ -129,9 +122,6 @@ Full report: [`reports/sweeps/{found.report_id}/`](sweeps/{found.report_id}/repo
 
 def capacity_section(client, cfg: DictConfig, book: dict, out: Path) -> str:
     finding = cfg.capacity
-    missing = _not_run(client, finding, "uni with 8-64 hidden units and bi with 4-32 per chain")
-    if missing:
-        return missing
     found = _fetch(client, finding)
     sizes = capacity.sizes(found.jobs)
     diffs = capacity.equal_size_differences(found.jobs, confidence=cfg.confidence)
@@ -165,10 +155,7 @@ seeds of every size 4,000 times (percentile bootstrap).
 
 def fashion_section(client, cfg: DictConfig, out: Path) -> str:
     finding = cfg.fashion
-    compared = _over_seeds(client, cfg, finding, "both models over 5 seeds on Fashion-MNIST")
-    if isinstance(compared, str):
-        return compared
-    found, summary, diffs = compared
+    found, summary, diffs = _over_seeds(client, cfg, finding)
     _per_seed_figure(found, summary, {}, out / "fashion_per_seed.png")
     answer = _verdicts(diffs)
     return f"""**Question.** Does the bidirectional net's advantage carry over to another dataset of
@@ -192,10 +179,7 @@ the five-seed sweep of the commands below.
 
 def merges_section(client, cfg: DictConfig, out: Path) -> str:
     finding = cfg.merges
-    compared = _over_seeds(client, cfg, finding, "bi with sum, concat, mean and mul")
-    if isinstance(compared, str):
-        return compared
-    found, summary, diffs = compared
+    found, summary, diffs = _over_seeds(client, cfg, finding)
     bi = summary[summary["kind"] == "bi"].sort_values("test_acc_best_mean", ascending=False)
     ranking = ", ".join(f"`{row.configuration}` {formatting.percent(row.test_acc_best_mean)} "
                         f"({row.param_count} parameters, {row.seeds} seeds)"
@@ -222,11 +206,19 @@ def findings_task(cfg: DictConfig) -> None:
     book = table_19_12.load_book(project_path(cfg.paths.book_numbers))
     reports = project_path(cfg.paths.reports_dir)
     with files.publish_dir(reports / FOLDER, "report") as out:
+        # Each section once its sweeps have ended; until then, what it waits for.
         sections = {
-            "1. The book's claim, over 20 seeds": claim_section(client, cfg, book, out),
-            "2. Accuracy against parameter count": capacity_section(client, cfg, book, out),
-            "3. The four merges": merges_section(client, cfg, out),
-            "4. Fashion-MNIST": fashion_section(client, cfg, out),
+            "1. The book's claim, over 20 seeds": _not_run(
+                client, cfg.claim, "the book configuration over 20 seeds per model")
+            or claim_section(client, cfg, book, out),
+            "2. Accuracy against parameter count": _not_run(
+                client, cfg.capacity, "uni with 8-64 hidden units and bi with 4-32 per chain")
+            or capacity_section(client, cfg, book, out),
+            "3. The four merges": _not_run(client, cfg.merges, "bi with sum, concat, mean and mul")
+            or merges_section(client, cfg, out),
+            "4. Fashion-MNIST": _not_run(client, cfg.fashion,
+                                         "both models over 5 seeds on Fashion-MNIST")
+            or fashion_section(client, cfg, out),
             "5. A tuned bidirectional net": _not_run(client, cfg.tuned, "an Optuna search of "
                                                      "bi's learning rate and schedule")
             or tuning.tuned_section(client, cfg, out, FOLDER),
