@@ -98,7 +98,7 @@ def http(url: str, body: dict | None = None, timeout: float = 10) -> tuple[int, 
         return response.status, response.read()
 
 
-def stop_group(process: subprocess.Popen, timeout: float = 15) -> None:
+def _terminate_group(process: subprocess.Popen, timeout: float = 15) -> None:
     """SIGTERM the process group ``process`` leads, SIGKILL it if it lingers."""
     try:
         os.killpg(process.pid, signal.SIGTERM)
@@ -133,7 +133,7 @@ def http_service(args: list[str], ready_url: str, log: Path, timeout: float,
         print(f"{Path(args[0]).name} {args[1]}: ready after {time.monotonic() - started:.1f} s")
         yield process
     finally:
-        stop_group(process)
+        _terminate_group(process)
 
 
 @contextlib.contextmanager
