@@ -22,10 +22,10 @@ reproduce: setup          ## the book experiment: prepare, train uni and bi, eva
 sweep: setup              ## the book configuration over 5 seeds, one job per core (~8 min on 2), then its report
 	python -m pipeline.stages.train -m hydra/launcher=joblib model=uni,bi train.seed=0,1,2,3,4 \
 	    hydra.sweep.dir=multirun/book-seeds-$(SWEEP_STAMP)
-	python -m pipeline.sweeps.report sweep=book-seeds-$(SWEEP_STAMP)
+	python -m pipeline.commands.sweep_report sweep=book-seeds-$(SWEEP_STAMP)
 
-findings: setup           ## reports/findings.md from the sweeps named in conf/findings.yaml
-	python -m pipeline.sweeps.findings
+findings: setup           ## reports/findings.md from the sweeps named in study/conf/findings.yaml
+	python -m study.findings
 
 test: setup               ## the fast test suite (a few minutes on 2 cores)
 	python -m pytest

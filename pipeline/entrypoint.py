@@ -101,15 +101,15 @@ def _job_failure_recorded(cfg: DictConfig, on_job_failure: JobFailureHandler) ->
                   file=sys.stderr, flush=True)
 
 
-def stage(config_name: str, on_job_failure: JobFailureHandler | None = None
-          ) -> Callable[[Task], Callable[[], "float | None"]]:
-    """Turn ``task(cfg)`` into the stage's ``main()``: compose conf/<config_name>.yaml with the
-    command-line overrides, validate the values, run the task and return its objective (what
+def stage(config_name: str, on_job_failure: JobFailureHandler | None = None,
+          config_dir: Path = CONF_DIR) -> Callable[[Task], Callable[[], "float | None"]]:
+    """Turn ``task(cfg)`` into the stage's ``main()``: compose <config_dir>/<config_name>.yaml
+    (default: the pipeline's conf/) with the command-line overrides, validate the values, run the task and return its objective (what
     a Hydra sweeper such as Optuna minimises; a failed sweep job returns +inf, the worst loss:
     Optuna 2's sweeper aborts the whole search on a NaN)."""
 
     def decorate(task: Task) -> Callable[[], "float | None"]:
-        @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name=config_name)
+        @hydra.main(version_base="1.3", config_path=str(config_dir), config_name=config_name)
         def hydra_app(cfg: DictConfig) -> float | None:
             redaction.install()  # also in a launcher's worker process
             redaction.scrub_hydra_outputs()  # Hydra saved the command line as typed

@@ -146,27 +146,6 @@ class SweepReportStage:
     confidence: float = 0.95  # of the Welch intervals
 
 
-@dataclass
-class Finding:
-    """One question of the findings page: the sweeps that answer it and the commands that
-    made them (quoted on the page)."""
-
-    sweeps: List[str] = field(default_factory=list)
-    commands: List[str] = field(default_factory=list)
-
-
-@dataclass
-class FindingsStage:
-    tracking: TrackingConfig = MISSING
-    paths: PathsConfig = MISSING
-    confidence: float = 0.95
-    claim: Finding = field(default_factory=Finding)  # the book configuration over seeds
-    capacity: Finding = field(default_factory=Finding)  # accuracy against parameter count
-    merges: Finding = field(default_factory=Finding)  # bi's four merges
-    fashion: Finding = field(default_factory=Finding)  # both models on Fashion-MNIST
-    tuned: Finding = field(default_factory=Finding)  # a tuned bi net against the book's
-
-
 def _open_milestones(model_type: type) -> DictConfig:
     """The model schema with ``lr_milestones`` open to new epochs: Hydra puts the whole config
     in struct mode, which would otherwise lock the dict to the epochs its YAML lists, so that
@@ -184,7 +163,6 @@ def register() -> None:
     cs.store(name="evaluate_stage_schema", node=EvaluateStage)
     cs.store(name="compare_stage_schema", node=CompareStage)
     cs.store(name="sweep_report_schema", node=SweepReportStage)
-    cs.store(name="findings_schema", node=FindingsStage)
     # Group schemas live under schema/ so that they are not listed as options of the groups;
     # an option pulls in its schema with `- /schema/<name>@_here_` in its defaults list.
     cs.store(group="schema", name="model_uni", node=_open_milestones(UniModelConfig))

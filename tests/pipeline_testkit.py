@@ -172,3 +172,24 @@ def commit_all(project: Path, message: str) -> None:
     git = ["git", "-c", "user.name=pipeline tests", "-c", "user.email=tests@localhost"]
     for args in (["add", "-A"], ["commit", "-q", "--allow-empty", "-m", message]):
         subprocess.run([*git, *args], cwd=project, check=True, capture_output=True)
+
+
+def sweep_store(tmp: Path, prepared: Path) -> dict:
+    """A SQLite tracking store and output folders under ``tmp`` for sweeps: ``paths`` are the
+    overrides that point a stage at them, ``client`` reads the store."""
+    from mlflow.tracking import MlflowClient
+
+    db = f"sqlite:///{tmp / 'mlflow.db'}"
+    return {"tmp": tmp, "db": db, "client": MlflowClient(db),
+            "paths": (f"tracking.uri={db}", f"paths.prepared_dir={prepared}",
+                      f"paths.models_dir={tmp / 'models'}", f"paths.metrics_dir={tmp / 'metrics'}",
+                      f"paths.reports_dir={tmp / 'reports'}")}
+
+
+def run_sweep(store: dict, sweep_dir: Path, *overrides: str, timeout: float = 600):
+    """A joblib sweep (2 jobs at a time) into ``store``: (result, sweep id, sweep dir)."""
+    from pipeline.sweeps import job as sweep
+
+    result = stage("train", "-m", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2",
+                   f"hydra.sweep.dir={sweep_dir}", *store["paths"], *overrides, timeout=timeout)
+    return result, sweep.sweep_id(str(sweep_dir)), sweep_dir

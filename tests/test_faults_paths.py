@@ -81,7 +81,7 @@ HOSTILE = [  # stage, overrides, the start of the one error line
     ("evaluate", ["paths.evaluation_dir=models/mnist/uni"], "paths.evaluation_dir: "
      "{project}/models/mnist/uni holds another stage's output (model)"),
     ("compare", ["paths.reports_dir=data"], "paths.reports_dir: 'data/table_19_12/mnist' resolves"),
-    ("sweeps.report", ["sweep=../../data"], "sweep: must be a plain folder name"),
+    ("commands.sweep_report", ["sweep=../../data"], "sweep: must be a plain folder name"),
 ]
 
 

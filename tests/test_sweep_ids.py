@@ -12,6 +12,7 @@ from hydra.core.global_hydra import GlobalHydra
 from mlflow.tracking import MlflowClient
 
 from pipeline.errors import StageError
+from pipeline import schema  # noqa: F401  (registers the config schemas)
 from pipeline.paths import CONF_DIR
 from pipeline.sweeps import job as sweep
 from pipeline.sweeps import report
@@ -19,12 +20,12 @@ from pipeline.sweeps import report
 
 @pytest.fixture
 def pasted():
-    """The ids that `python -m pipeline.sweeps.report` receives from a pasted command."""
+    """The ids that `python -m pipeline.commands.sweep_report` receives from a pasted command."""
     GlobalHydra.instance().clear()
     with initialize_config_dir(version_base="1.3", config_dir=str(CONF_DIR)):
         def read(command: str) -> list[str]:
             argv = shlex.split(command)  # as a POSIX shell splits it
-            assert argv[:3] == ["python", "-m", "pipeline.sweeps.report"], argv
+            assert argv[:3] == ["python", "-m", "pipeline.commands.sweep_report"], argv
             return report.requested_ids(compose("sweep_report", overrides=argv[3:]).sweep)
         yield read
     GlobalHydra.instance().clear()

@@ -129,7 +129,7 @@ def test_page_lists_the_failed_job_and_the_books_rows():
     jobs = job_table()
     summary = statistics.summarize(jobs)
     diffs = statistics.differences(jobs, 0.95)
-    context = {"report_id": "s", "command": "python -m pipeline.sweeps.report sweep=s",
+    context = {"report_id": "s", "command": "python -m pipeline.commands.sweep_report sweep=s",
                "experiment": "e", "dataset": "mnist", "training": "t", "confidence": 0.95,
                "report_run": None,
                "sweeps": [{"id": "s", "parent": "p", "overrides": "model=uni,bi", "preset": "book",

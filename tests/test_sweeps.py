@@ -18,10 +18,11 @@ import time
 
 import pandas as pd
 import pytest
-from mlflow.tracking import MlflowClient
 
 from pipeline.sweeps import job as sweep
 from pipeline_testkit import CHECKPOINT_METRICS, ROOT, TEST_METRICS, clean_env, error_lines, stage
+from pipeline_testkit import run_sweep as testkit_sweep
+from pipeline_testkit import sweep_store
 
 TINY = ("experiment=quick", "train.epochs=1", "train.train_limit=1500", "train.val_limit=300",
         "tracking.flush_every_seconds=0")
@@ -29,26 +30,16 @@ TINY = ("experiment=quick", "train.epochs=1", "train.train_limit=1500", "train.v
 
 @pytest.fixture(scope="module")
 def workspace(tmp_path_factory, prepared_dir) -> dict:
-    tmp = tmp_path_factory.mktemp("sweeps")
-    prepared = prepared_dir
-    db = f"sqlite:///{tmp / 'mlflow.db'}"
-    return {"tmp": tmp, "db": db, "client": MlflowClient(db),
-            "paths": (f"tracking.uri={db}", f"paths.prepared_dir={prepared}",
-                      f"paths.models_dir={tmp / 'models'}", f"paths.metrics_dir={tmp / 'metrics'}",
-                      f"paths.reports_dir={tmp / 'reports'}")}
+    return sweep_store(tmp_path_factory.mktemp("sweeps"), prepared_dir)
 
 
 def run_sweep(workspace: dict, name: str, *overrides: str):
-    sweep_dir = workspace["tmp"] / name
-    result = stage("train", "-m", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2",
-                   f"hydra.sweep.dir={sweep_dir}", *workspace["paths"], *TINY, *overrides,
-                   timeout=600)
-    return result, sweep.sweep_id(str(sweep_dir)), sweep_dir
+    return testkit_sweep(workspace, workspace["tmp"] / name, *TINY, *overrides)
 
 
 def compare(workspace: dict, *overrides: str):
     paths = [p for p in workspace["paths"] if p.startswith(("tracking.", "paths.reports"))]
-    return stage("sweeps.report", *paths, *overrides, timeout=120)
+    return stage("commands.sweep_report", *paths, *overrides, timeout=120)
 
 
 def runs_of(client, sweep_id: str, role: str) -> list:
@@ -74,7 +65,7 @@ def test_parallel_sweep_ends_with_a_summary_line(seeds):
     assert error_lines(result) == []
     last = result.stdout.strip().splitlines()[-1]
     assert last.startswith(f"sweep {seeds['id']}: 4 jobs finished, ")
-    assert last.endswith(f"report: python -m pipeline.sweeps.report sweep={seeds['id']}")
+    assert last.endswith(f"report: python -m pipeline.commands.sweep_report sweep={seeds['id']}")
 
 
 def test_every_job_is_one_run_nested_under_the_sweeps_parent(seeds):
@@ -327,28 +318,3 @@ def test_report_of_two_sweeps_together(seeds, failing, workspace):
     assert report_run.info.status == "FINISHED"
     assert f"this report's run `{report_run.info.run_id}`" in page
     assert "report/report.md" in {a.path for a in client.list_artifacts(report_run.info.run_id, "report")}
-
-
-def test_findings_page_answers_from_the_sweeps_runs(seeds, workspace):
-    # The seeds sweep (uni and bi, hidden 32 and 20 per chain) stands in for every question:
-    # the claim, and accuracy against size (one size per family: bi's 2170 parameters lie
-    # outside the single uni size's range, so the page says it cannot compare).
-    paths = [p for p in workspace["paths"] if p.startswith(("tracking.", "paths.reports"))]
-    result = stage("sweeps.findings", *paths, f"claim.sweeps=[{seeds['id']}]",
-                   f"capacity.sweeps=[{seeds['id']}]", "merges.sweeps=[]", "tuned.sweeps=[]",
-                   timeout=120)
-    assert result.returncode == 0, result.stderr[-2000:]
-    reports = workspace["tmp"] / "reports"
-    page = (reports / "findings.md").read_text()
-    summary = pd.read_csv(reports / "sweeps" / seeds["id"] / "summary.csv") \
-        if (reports / "sweeps" / seeds["id"]).exists() else None
-    runs = by_job(runs_of(seeds["client"], seeds["id"], "job"))
-    uni = [r.data.metrics["test_acc_best"] for r in runs.values()
-           if r.data.tags["model_kind"] == "uni"]
-    assert f"{100 * sum(uni) / 2:.2f}% ±" in page  # the claim's table: uni's mean over seeds
-    assert "neither confirm nor refute" in page or "holds" in page or "does not hold" in page
-    assert "cannot compare the families at equal size" in page
-    assert "*Not run yet*: bi with sum, concat, mean and mul." in page
-    for figure in ("claim_per_seed.png", "accuracy_by_size.png"):
-        assert (reports / "findings" / figure).read_bytes()[:4] == b"\x89PNG"
-    assert summary is None or len(summary) == 2

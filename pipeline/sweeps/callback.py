@@ -76,7 +76,7 @@ class SweepCallback(Callback):
                 f"Sweep `{self.sweep_id}`: `python -m pipeline.stages.train -m "
                 f"{' '.join(config.hydra.overrides.task)}`, {tags[sweep.TOTAL_TAG]} jobs, each "
                 "a training run folded under this one. Its report, once they are done: "
-                f"`python -m pipeline.sweeps.report sweep={self.sweep_id}`.")
+                f"`python -m pipeline.commands.sweep_report sweep={self.sweep_id}`.")
             run = client.create_run(experiment, run_name=f"sweep {self.sweep_id}", tags=tags)
             self.parent_run_id = run.info.run_id
         except Exception as exc:

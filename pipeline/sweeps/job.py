@@ -97,7 +97,7 @@ def report_command(sweep_ids: list[str]) -> str:
         override = f'"{override}"'
     elif "[" in override:
         override = f"'{override}'"
-    return f"python -m pipeline.sweeps.report {override}"
+    return f"python -m pipeline.commands.sweep_report {override}"
 
 
 def override_key(override: str) -> str:

@@ -1,9 +1,5 @@
-"""The multi-seed report of one or more sweeps, from MLflow alone.
-
-    python -m pipeline.sweeps.report sweep=<id> [confidence=0.95]
-    python -m pipeline.sweeps.report 'sweep=[<id>,<id>]'    several sweeps' runs together
-
-writes reports/sweeps/<id>/ (report.md, runs.csv, summary.csv, differences.csv, per_seed.png;
+"""The multi-seed report of one or more sweeps, from MLflow alone (the task of
+``python -m pipeline.commands.sweep_report``): writes reports/sweeps/<id>/ (report.md, runs.csv, summary.csv, differences.csv, per_seed.png;
 several: reports/sweeps/<id>+<id>/) whole, and logs the same to the sweep's parent run (several
 sweeps: to a report run of their own).
 """
@@ -17,7 +13,6 @@ from pathlib import Path
 from omegaconf import DictConfig, ListConfig
 
 from pipeline import files
-from pipeline.entrypoint import stage
 from pipeline.errors import StageError
 from pipeline.paths import project_path
 from pipeline.reports import figures, table_19_12
@@ -128,9 +123,3 @@ def sweep_report_task(cfg: DictConfig) -> None:
     for _, pair in diffs.iterrows():
         print(page.verdict(pair))
     print(f"report: {target / 'report.md'}")
-
-
-main = stage("sweep_report")(sweep_report_task)
-
-if __name__ == "__main__":
-    main()

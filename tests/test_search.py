@@ -1,8 +1,7 @@
-"""The tuned bidirectional net (findings, item 5): the step schedule given as fractions of the
-run, the hparams_search=bi_lr preset, an Optuna search through the real entry point (every
-trial an MLflow run under the search's parent; seeded, so reproducible; a diverging trial
-does not abort it) and the findings section built from the search, its retraining and a
-book sweep, all tiny and in temporary stores.
+"""Hyperparameter searches: the step schedule given as fractions of the run, the
+hparams_search=bi_lr preset, and an Optuna search through the real entry point (every trial an
+MLflow run under the search's parent; seeded, so reproducible; a diverging trial does not abort
+it), tiny and in a temporary store.
 """
 
 from __future__ import annotations
@@ -14,7 +13,6 @@ import pytest
 import yaml
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
-from mlflow.tracking import MlflowClient
 from omegaconf import OmegaConf
 
 from birnn.models import build_model
@@ -23,8 +21,7 @@ from pipeline.errors import ConfigError, StageError
 from pipeline.paths import CONF_DIR
 from pipeline.stages.train import make_settings
 from pipeline.sweeps import job as sweep
-from pipeline.sweeps import tuning
-from pipeline_testkit import error_lines, stage
+from pipeline_testkit import error_lines, run_sweep, stage, sweep_store
 
 BOOK_BI = {30: 0.008, 50: 0.005, 70: 0.002}
 # Optuna 2 imports its SQL storage with a SQLAlchemy 1 idiom (unused here: storage is null).
@@ -40,8 +37,13 @@ def compose_cfg():
     GlobalHydra.instance().clear()
 
 
+SEARCHED = ("lr", "lr_decay", "lr_decay_every")  # model.<key>: what bi_lr searches
+
+
 def steps(lr, decay, every, epochs):
-    return tuning.schedule(lr, decay, every, epochs)
+    model = OmegaConf.create({"lr": lr, "lr_decay": decay, "lr_decay_every": every,
+                              "lr_milestones": {}})
+    return schema.lr_milestones(model, epochs)
 
 
 # ----------------------------------------------------------------------------- the schedule
@@ -179,20 +181,11 @@ TINY = ("train.epochs=10", "train.train_limit=500", "train.val_limit=200",
 
 @pytest.fixture(scope="module")
 def store(tmp_path_factory, prepared_dir) -> dict:
-    tmp = tmp_path_factory.mktemp("tuning")
-    db = f"sqlite:///{tmp / 'mlflow.db'}"
-    paths = (f"tracking.uri={db}", f"paths.prepared_dir={prepared_dir}",
-             f"paths.models_dir={tmp / 'models'}", f"paths.metrics_dir={tmp / 'metrics'}",
-             f"paths.reports_dir={tmp / 'reports'}")
-    return {"tmp": tmp, "client": MlflowClient(db), "paths": paths}
+    return sweep_store(tmp_path_factory.mktemp("tuning"), prepared_dir)
 
 
 def sweep_of(store: dict, name: str, *overrides: str):
-    sweep_dir = store["tmp"] / "multirun" / name
-    result = stage("train", "-m", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2",
-                   f"hydra.sweep.dir={sweep_dir}", *store["paths"], *TINY, *overrides,
-                   timeout=600)
-    return result, sweep.sweep_id(str(sweep_dir)), sweep_dir
+    return run_sweep(store, store["tmp"] / "multirun" / name, *TINY, *overrides)
 
 
 def runs_of(client, sweep_id: str) -> dict:
@@ -202,7 +195,7 @@ def runs_of(client, sweep_id: str) -> dict:
 
 
 def sampled(run) -> tuple:
-    return tuple(float(run.data.params[f"model.{key}"]) for key in tuning.SEARCHED)
+    return tuple(float(run.data.params[f"model.{key}"]) for key in SEARCHED)
 
 
 @pytest.fixture(scope="module")
@@ -251,64 +244,3 @@ def test_a_diverging_trial_does_not_abort_the_search(store):
     assert sweep.find_parent(store["client"], sweep_id).info.status == "FAILED"
     assert yaml.safe_load((sweep_dir / "optimization_results.yaml").read_text())[
         "best_value"] == math.inf
-
-
-@pytest.fixture(scope="module")
-def section(search, store) -> dict:
-    client = store["client"]
-    best = tuning.best_trial(tuning.trials(client, search["id"]))
-    retrain, retrained_id, _ = sweep_of(store, "retrained", "model=bi",
-                                        *tuning.retrain_overrides(best), "train.seed=0,1")
-    book, book_id, _ = sweep_of(store, "book", "model=uni,bi", "train.seed=0,1")
-    assert retrain.returncode == 0 and book.returncode == 0, retrain.stderr + book.stderr
-    return {"best": best, "retrained": retrained_id, "book": book_id}
-
-
-def findings(store: dict, tuned: list[str]):
-    paths = [p for p in store["paths"] if p.startswith(("tracking.", "paths.reports"))]
-    return stage("sweeps.findings", *paths, "claim.sweeps=[]", "capacity.sweeps=[]",
-                 "merges.sweeps=[]", "fashion.sweeps=[]", f"tuned.sweeps=[{','.join(tuned)}]",
-                 "tuned.commands=['python -m pipeline.stages.train -m hparams_search=bi_lr']",
-                 timeout=120)
-
-
-@pytest.mark.slow  # a real 4-trial search and a retraining: ~35 s of fixtures
-def test_findings_section_compares_the_retrained_best_with_the_book(search, section, store):
-    result = findings(store, [search["id"], section["retrained"], section["book"]])
-    assert result.returncode == 0, result.stderr[-3000:]
-    reports = store["tmp"] / "reports"
-    page = (reports / "findings.md").read_text()
-    text = " ".join(page.split("## 5. A tuned bidirectional net")[1].split())  # one line
-    best = section["best"]
-    client = store["client"]
-    tuned = [r.data.metrics["test_acc_best"] for r in runs_of(client, section["retrained"]).values()]
-    book_bi = [r.data.metrics["test_acc_best"] for r in runs_of(client, section["book"]).values()
-               if r.data.tags["model_kind"] == "bi"]
-    diff = sum(tuned) / 2 - sum(book_bi) / 2
-    assert f"difference of {100 * diff:+.2f} points" in text  # the answer's Welch difference
-    assert (f"The best trial, {int(best['trial'])} (validation loss "
-            f"{best['best_val_loss']:.4f})") in text
-    assert "TPESampler seed=0 n_startup_trials=8, 4 trials, minimize" in text
-    assert text.count("| finished |") == 4  # the table of the 4 trials
-    assert "over 10 epochs the same fractions of the run give" in text
-    for figure in ("tuned_search.png", "tuned_per_seed.png"):
-        assert (reports / "findings" / figure).read_bytes()[:4] == b"\x89PNG"
-        assert f"(findings/{figure})" in text
-    assert "python -m pipeline.stages.train -m hparams_search=bi_lr" in text
-    assert str(store["tmp"]) not in page  # no absolute paths
-
-
-@pytest.mark.slow  # a real 4-trial search and a retraining: ~35 s of fixtures
-def test_findings_refuse_a_retraining_of_another_schedule(search, section, store):
-    # The book sweep's bi runs did not use the best trial's schedule.
-    result = findings(store, [search["id"], section["book"], section["book"]])
-    assert result.returncode == 1
-    (line,) = error_lines(result)
-    assert line.startswith(f"error: tuned: sweep '{section['book']}' (job ")
-    assert "retrain with model.lr=" in line
-
-
-def test_tuned_needs_three_sweeps():
-    cfg = OmegaConf.create({"tuned": {"sweeps": ["a", "b"], "commands": []}, "confidence": 0.95})
-    with pytest.raises(StageError, match=r"tuned.sweeps: needs \[<search>, <retrained>"):
-        tuning.tuned_section(None, cfg, None)

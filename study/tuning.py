@@ -1,6 +1,6 @@
 """Section 5 of the findings page: the Optuna search of the bi net's learning-rate schedule
 (``hparams_search=bi_lr``), its best trial retrained for 100 epochs over seeds, and that
-against the book's schedule, from MLflow alone. ``conf/findings.yaml`` names the three
+against the book's schedule, from MLflow alone. ``study/conf/findings.yaml`` names the three
 sweeps, in this order: ``tuned.sweeps: [<search>, <retrained>, <book seeds>]``.
 """
 

@@ -1,6 +1,6 @@
-"""Fixtures shared by the test modules that run the real stages, and the session's working
-conditions: every test runs in a temporary working directory whose folders the stages may write
-to ($BIRNN_OUTPUT_ROOTS), and the session fails if the checkout gained Hydra's outputs/ or
+"""Fixtures shared by the test modules (tests/, study/tests/) that run the real stages, and the
+session's working conditions: every test runs in a temporary working directory whose folders
+the stages may write to ($BIRNN_OUTPUT_ROOTS), and the session fails if the checkout gained Hydra's outputs/ or
 MLflow's mlruns/ meanwhile (tests write only to temporary folders)."""
 
 from __future__ import annotations

@@ -8,7 +8,7 @@ import math
 import pandas as pd
 import pytest
 
-from pipeline.sweeps import capacity
+from study import capacity
 
 
 def jobs(rows):
