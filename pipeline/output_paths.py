@@ -169,17 +169,25 @@ def _check(key: str, value, replaced: bool = False) -> Output:
     return output
 
 
-def stage_outputs(config_name: str, cfg, job_dir: Path | None = None) -> list[Output]:
-    """Check what the stage ``config_name`` will write with ``cfg``; return it.
+def _inside_job_folder(key: str, value, job_dir: Path) -> None:
+    """Parallel jobs writing one folder would replace each other's files: a sweep job writes
+    only under its own folder (conf/train.yaml)."""
+    path = paths.project_path(value).resolve()
+    if not _inside(path, job_dir.resolve()):
+        raise ConfigError(f"{key}: {str(value)!r}: a sweep job writes only under its own folder "
+                          f"({job_dir}); leave {key} unset in a sweep (-m)")
 
-    ``job_dir`` is a sweep job's own folder, where it writes instead of models/ and metrics/.
-    The folder names below are those the stages use (pipeline/stages/, pipeline/sweeps/).
-    """
+
+def stage_outputs(config_name: str, cfg, job_dir: Path | None = None) -> list[Output]:
+    """Check what the stage ``config_name`` will write with ``cfg`` (in a sweep job, whose own
+    folder is ``job_dir``); return it. The folder names below are those the stages use
+    (pipeline/stages/, pipeline/sweeps/)."""
     configured = cfg.get("paths")
     if config_name == "prepare":
         return [_check("paths.prepared_dir", configured.prepared_dir, replaced=True)]
     if config_name == "train" and job_dir is not None:
-        return [_check("hydra.sweep.dir", job_dir)]
+        for key in ("models_dir", "metrics_dir"):
+            _inside_job_folder(f"paths.{key}", configured[key], job_dir)
     if config_name == "train":
         return [_check("paths.models_dir", Path(str(configured.models_dir)) / str(cfg.name),
                        replaced=True),

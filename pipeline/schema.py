@@ -7,10 +7,13 @@ from __future__ import annotations
 
 import math
 import dataclasses
+from pathlib import Path
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional
 
 from hydra.core.config_store import ConfigStore
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from omegaconf import MISSING, DictConfig, OmegaConf
 
 import birnn.models
@@ -119,6 +122,8 @@ class TrainStage:
     paths: PathsConfig = MISSING
     dataset: str = "mnist"  # a prepared dataset: data/prepared/<dataset>/ (conf/data/<dataset>.yaml)
     name: str = "${model.kind}"  # models/<dataset>/<name>/ and the MLflow run name
+    register_model: bool = True  # a sweep job: false (conf/train.yaml)
+    test_after_training: bool = False  # a sweep job: true
 
 
 @dataclass
@@ -156,7 +161,25 @@ def _open_milestones(model_type: type) -> DictConfig:
     return node
 
 
+def _in_sweep_job() -> bool:
+    return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
+
+
+def sweep_job_or(in_sweep_job: Any, otherwise: Any) -> Any:
+    """``${sweep_job_or:A,B}``: A in a sweep job (-m), B in a single run or a composed config."""
+    return in_sweep_job if _in_sweep_job() else otherwise
+
+
+def job_folder(name: str) -> str:
+    """``${job_folder:x}``: <the sweep job's own folder>/x (Hydra's hydra.runtime.output_dir);
+    outside a sweep job, x (unused there: ``sweep_job_or`` picks the other value)."""
+    return str(Path(HydraConfig.get().runtime.output_dir) / name) if _in_sweep_job() else name
+
+
 def register() -> None:
+    for name, resolver in (("sweep_job_or", sweep_job_or), ("job_folder", job_folder)):
+        if not OmegaConf.has_resolver(name):
+            OmegaConf.register_new_resolver(name, resolver)
     cs = ConfigStore.instance()
     cs.store(name="prepare_stage_schema", node=PrepareStage)
     cs.store(name="train_stage_schema", node=TrainStage)

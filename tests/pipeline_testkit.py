@@ -175,14 +175,14 @@ def commit_all(project: Path, message: str) -> None:
 
 
 def sweep_store(tmp: Path, prepared: Path) -> dict:
-    """A SQLite tracking store and output folders under ``tmp`` for sweeps: ``paths`` are the
-    overrides that point a stage at them, ``client`` reads the store."""
+    """A SQLite tracking store and a reports folder under ``tmp`` for sweeps (whose jobs write
+    their models and metrics under their own folders): ``paths`` are the overrides that point
+    a stage at them, ``client`` reads the store."""
     from mlflow.tracking import MlflowClient
 
     db = f"sqlite:///{tmp / 'mlflow.db'}"
     return {"tmp": tmp, "db": db, "client": MlflowClient(db),
             "paths": (f"tracking.uri={db}", f"paths.prepared_dir={prepared}",
-                      f"paths.models_dir={tmp / 'models'}", f"paths.metrics_dir={tmp / 'metrics'}",
                       f"paths.reports_dir={tmp / 'reports'}")}
 
 

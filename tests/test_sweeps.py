@@ -21,7 +21,7 @@ import pytest
 
 from pipeline.sweeps import job as sweep
 from pipeline_testkit import CHECKPOINT_METRICS, ROOT, TEST_METRICS, clean_env, error_lines, stage
-from pipeline_testkit import run_sweep as testkit_sweep
+from pipeline_testkit import run_sweep as sweep_into
 from pipeline_testkit import sweep_store
 
 TINY = ("experiment=quick", "train.epochs=1", "train.train_limit=1500", "train.val_limit=300",
@@ -34,7 +34,7 @@ def workspace(tmp_path_factory, prepared_dir) -> dict:
 
 
 def run_sweep(workspace: dict, name: str, *overrides: str):
-    return testkit_sweep(workspace, workspace["tmp"] / name, *TINY, *overrides)
+    return sweep_into(workspace, workspace["tmp"] / name, *TINY, *overrides)
 
 
 def compare(workspace: dict, *overrides: str):
@@ -111,10 +111,20 @@ def test_jobs_write_their_files_under_their_own_folders(seeds, workspace):
         job_dir = seeds["dir"] / str(num)
         assert (job_dir / "models" / kind / "best.npz").is_file()
         assert (job_dir / "metrics" / f"train_{kind}.json").is_file()
-        assert (job_dir / "metrics" / "test.json").is_file()
-    # the single-run folders (the DVC pipeline's models/ and metrics/) are left alone
-    assert not (workspace["tmp"] / "models").exists()
-    assert not (workspace["tmp"] / "metrics").exists()
+        assert (job_dir / "metrics" / f"test_{kind}.json").is_file()  # tested after training
+    # and a sweep registers nothing (conf/train.yaml)
+    assert workspace["client"].search_registered_models() == []
+
+
+def test_a_sweep_job_refuses_to_write_outside_its_own_folder(workspace, tmp_path):
+    # Parallel jobs writing into one models/ would replace each other's files.
+    result, _, _ = run_sweep(workspace, "shared", "model=uni",
+                             f"paths.models_dir={tmp_path / 'models'}")
+    assert result.returncode == 1
+    assert any(line.startswith("error: job 0: config error: paths.models_dir: ") and
+               "a sweep job writes only under its own folder" in line
+               for line in error_lines(result))
+    assert not (tmp_path / "models").exists()
 
 
 def test_jobs_ran_two_at_a_time(seeds):

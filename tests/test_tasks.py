@@ -53,6 +53,22 @@ def test_train_task_returns_the_best_validation_loss(task_config, tmp_path):
     assert (tmp_path / "metrics" / "history_uni.csv").read_text().startswith("epoch,")
 
 
+def test_what_follows_training_is_configuration(task_config, tmp_path):
+    # A sweep job's defaults (conf/train.yaml, hydra.sweeper.params) on a single run: the same
+    # code tests the model into its run and registers nothing.
+    cfg = task_config("train", *TINY, "register_model=false", "test_after_training=true")
+    train_stage.train_task(cfg)
+    client = store.connect(cfg.tracking)
+    written = json.loads((tmp_path / "metrics" / "test_uni.json").read_text())["uni"]
+    run_id = json.loads((tmp_path / "models" / "uni" / "run.json").read_text())["run_id"]
+    tracked = client.get_run(run_id).data.metrics
+    assert tracked["test_acc_best"] == written["best"]["accuracy"]
+    assert tracked["test_acc_last"] == written["last"]["accuracy"]
+    assert client.search_registered_models() == []
+    assert "registered_model" not in json.loads((tmp_path / "models" / "uni" / "run.json")
+                                                .read_text())
+
+
 def test_train_task_registers_its_model_and_upgrades_an_older_experiment(task_config,
                                                                          tmp_path):
     cfg = task_config("train", *TINY)

@@ -3,25 +3,24 @@
     python -m pipeline.stages.train model=uni|bi [dataset=fashion_mnist] [experiment=quick]
     python -m pipeline.stages.train -m model=uni,bi 'train.seed=range(5)' hydra/launcher=joblib
 
-A single run writes models/<dataset>/<name>/ (best.npz, last.npz, config.yaml, run.json),
-metrics/<dataset>/train_<name>.json and history_<name>.csv, only once training succeeded, and
-registers its best parameters as a version of the MLflow model birnn-<dataset>-<name>. A sweep job
-writes the same under its own folder (<sweep dir>/<job>/), registers nothing, tests its model
-on the test set before its run ends, and records a failure without stopping the other jobs.
-The task returns the best validation loss: the objective of a Hydra sweeper.
+Load, train, publish, track: writes models/<dataset>/<name>/ (best.npz, last.npz, config.yaml,
+run.json), metrics/<dataset>/train_<name>.json and history_<name>.csv once training succeeded,
+then tracks them. A single run and a sweep job run the same code; what differs is configuration
+(conf/train.yaml): a single run registers its model as birnn-<dataset>-<name>; a sweep job
+writes under its own folder (<sweep dir>/<job>/), registers nothing and tests its model before
+its run ends. The task returns the best validation loss: the objective of a Hydra sweeper.
 """
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import json
 import logging
 import shlex
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 import pandas as pd
@@ -127,12 +126,12 @@ def save_model_files(folder, model: RNNClassifier, result: TrainResult, cfg: Dic
                                         encoding="utf-8")
 
 
-def log_best_model(client, run_id: str, cfg: DictConfig, model_file, example, job) -> dict:
-    """The best parameters as the run's MLflow model ``model``; a single run (not a sweep
-    job: a sweep would flood the registry) registers it as a new version of birnn-<dataset>-<name>.
-    Returns what run.json records about it."""
+def log_best_model(client, run_id: str, cfg: DictConfig, model_file, example) -> dict:
+    """The best parameters as the run's MLflow model ``model``, registered as a new version of
+    birnn-<dataset>-<name> if ``cfg.register_model``. Returns what run.json records about it."""
     started = time.monotonic()
-    name = None if job is not None else REGISTERED_MODEL.format(dataset=cfg.dataset, name=cfg.name)
+    name = (REGISTERED_MODEL.format(dataset=cfg.dataset, name=cfg.name)
+            if cfg.register_model else None)
     info = logged_model.log_model(client, run_id, model_file, input_example=example,
                                   registered_model_name=name, tags={"rule": "best"})
     found = {"model_id": info.model_id, "model_uri": f"runs:/{run_id}/model"}
@@ -147,8 +146,8 @@ def log_best_model(client, run_id: str, cfg: DictConfig, model_file, example, jo
 
 def self_test(client, run_id: str, cfg: DictConfig, model: RNNClassifier, result: TrainResult,
               data_dir, meta: dict, model_id: str | None = None) -> dict:
-    """A sweep job tests its best and last parameters as the evaluate stage would, into its
-    run; returns the model's entry of metrics/<dataset>/test.json."""
+    """Test the best and last parameters as the evaluate stage would, into the run (a sweep
+    job's default: its report reads them from MLflow); return the model's test entry."""
     images, labels = prepared_data.load(data_dir, "test", meta)
     by_rule = {}
     for rule, params in (("best", result.best_params), ("last", result.last_params)):
@@ -157,20 +156,6 @@ def self_test(client, run_id: str, cfg: DictConfig, model: RNNClassifier, result
     results = scoring.score(cfg.name, by_rule, images, labels)
     scoring.record(client, run_id, results, meta, model_id)
     return scoring.summary_entry(model.param_count()["total"], results)
-
-
-@contextlib.contextmanager
-def job_timer(client, run_id: str, job, started: float) -> Iterator[None]:
-    """A sweep job's run gets ``job_seconds`` (since ``started``) however the job ends: the
-    sweep's parallel speed-up is its wall time over the sum of these."""
-    try:
-        yield
-    finally:
-        if job is not None:
-            try:
-                metrics.log_metrics(client, run_id, {"job_seconds": time.monotonic() - started})
-            except Exception as exc:  # the store may be gone: the job's own outcome matters
-                log.warning("could not log job_seconds: %s", exc)
 
 
 def rerun_command() -> str:
@@ -183,81 +168,111 @@ def _record_failed_job(cfg: DictConfig, error: str) -> None:
     sweep_job.record_failed_job(cfg, error, script=__file__)
 
 
-def train_task(cfg: DictConfig) -> float:
-    """Train, track, write the outputs; return the best validation loss."""
-    started = time.monotonic()
-    job = sweep_job.current_job()  # None for a single run
-    client = store.connect(cfg.tracking)  # before the work: an unreachable store fails fast
+@dataclass
+class Inputs:
+    """What a training reads: the prepared data's description, the training and validation
+    images (raw uint8) and labels, the untrained model and its settings."""
+
+    data_dir: Path
+    meta: dict
+    train_images: np.ndarray
+    train_labels: np.ndarray
+    val_images: np.ndarray
+    val_labels: np.ndarray
+    model: RNNClassifier
+    settings: TrainSettings
+
+
+def load(cfg: DictConfig) -> Inputs:
     data_dir = project_path(cfg.paths.prepared_dir)
     meta = prepared_data.read_meta(data_dir, cfg.dataset)
-    train_images, train_y = prepared_data.load(data_dir, "train", meta, cfg.train.train_limit)
-    val_images, val_y = prepared_data.load(data_dir, "val", meta, cfg.train.val_limit)
-    train_x = scale_pixels(train_images, cfg.train.dtype)
-    val_x = scale_pixels(val_images, cfg.train.dtype)
-    model, settings = make_model(cfg), make_settings(cfg)
-    counts = model.param_count()
+    train_images, train_labels = prepared_data.load(data_dir, "train", meta, cfg.train.train_limit)
+    val_images, val_labels = prepared_data.load(data_dir, "val", meta, cfg.train.val_limit)
+    inputs = Inputs(data_dir, meta, train_images, train_labels, val_images, val_labels,
+                    make_model(cfg), make_settings(cfg))
+    counts = inputs.model.param_count()
     log.info("%s: %d parameters %s; %d training / %d validation samples of %s",
              cfg.name, counts["total"], {k: v for k, v in counts.items() if k != "total"},
-             len(train_y), len(val_y), meta["dataset"])
+             len(train_labels), len(val_labels), meta["dataset"])
+    return inputs
 
-    tags, run_name = run_tags(cfg, meta), cfg.name
-    if job is not None:
-        parent = sweep_job.parent_run(client, job)
-        tags.update(job.tags(parent))
-        run_name = job.run_name(cfg.name, parent)
-    # A sweep job's files go to its own output folder, never into models/ and metrics/.
-    models_dir = job.output_dir / "models" if job else project_path(cfg.paths.models_dir)
-    metrics_dir = job.output_dir / "metrics" if job else project_path(cfg.paths.metrics_dir)
 
+def fit(cfg: DictConfig, inputs: Inputs, on_checkpoint) -> TrainResult:
+    # A diverging run overflows before train() notices and raises DivergenceError, the
+    # one-line error; numpy's overflow warnings on the way would only bury it.
+    with np.errstate(over="ignore", invalid="ignore"):
+        return train(inputs.model, scale_pixels(inputs.train_images, cfg.train.dtype),
+                     inputs.train_labels, scale_pixels(inputs.val_images, cfg.train.dtype),
+                     inputs.val_labels, inputs.settings, on_checkpoint=on_checkpoint,
+                     log=log.info)
+
+
+def publish(cfg: DictConfig, inputs: Inputs, result: TrainResult, run_info: dict) -> Path:
+    """The training's outputs, before any tracking that follows, so that they are kept
+    whatever the store does: the model folder whole, then its metrics files."""
+    target = project_path(cfg.paths.models_dir) / cfg.name
+    metrics_dir = project_path(cfg.paths.metrics_dir)
+    with files.publish_dir(target, "model") as staging:
+        save_model_files(staging, inputs.model, result, cfg)
+        files.write_json(staging / "run.json", run_info)
+    files.write_text(metrics_dir / f"history_{cfg.name}.csv",
+                     history_frame(result).to_csv(index=False))
+    files.write_json(metrics_dir / f"train_{cfg.name}.json",
+                     summarize(result, inputs.model.param_count()["total"]))
+    log.info("wrote %s and %s/train_%s.json", target, metrics_dir, cfg.name)
+    return target
+
+
+def track(client, run_id: str, cfg: DictConfig, inputs: Inputs, result: TrainResult,
+          buffer: metrics.MetricBuffer, target: Path, run_info: dict) -> None:
+    """After publishing: the summary metrics, the logged (and, if configured, registered)
+    model, the test results if configured, and the model folder as artifacts."""
+    summary = summarize(result, inputs.model.param_count()["total"])
+    buffer.add({key: summary[key] for key in SUMMARY_METRICS}, step=0)
+    buffer.finish()
+    log.info("MLflow: %d metric values sent in %.2f s", buffer.values_sent, buffer.seconds_spent)
+    client.set_tag(run_id, "metric_logging_seconds", f"{buffer.seconds_spent:.3f}")
+    runs.set_description(client, run_id, scoring.describe(client.get_run(run_id)))
+    # At step 0, where the summary is: MLflow attaches it to the model too.
+    found = log_best_model(client, run_id, cfg, target / "best.npz", inputs.val_images[:3])
+    if cfg.test_after_training:
+        entry = self_test(client, run_id, cfg, inputs.model, result, inputs.data_dir,
+                          inputs.meta, found["model_id"])
+        files.write_json(project_path(cfg.paths.metrics_dir) / f"test_{cfg.name}.json",
+                         {cfg.name: entry})
+    files.write_json(target / "run.json", {**run_info, **found, "tracking": "complete"})
+    with tempfile.TemporaryDirectory() as folder:  # the committed copy is in metrics/
+        history_frame(result).to_csv(Path(folder) / "history.csv", index=False)
+        for path in [*sorted(target.iterdir()), Path(folder) / "history.csv"]:
+            if not path.name.startswith("."):  # (the output folder's own marker)
+                client.log_artifact(run_id, str(path))
+
+
+def train_task(cfg: DictConfig) -> float:
+    """Load, train, publish the outputs, track them; return the best validation loss."""
+    client = store.connect(cfg.tracking)  # before the work: an unreachable store fails fast
+    inputs = load(cfg)
+    run_name, tags = sweep_job.run_identity(client, cfg.name, run_tags(cfg, inputs.meta))
     with runs.new_run(client, cfg.tracking.experiment_name, run_name, tags,
-                      script=__file__) as run_id, job_timer(client, run_id, job, started):
-        experiment = client.get_run(run_id).info.experiment_id
-        runs.log_params(client, run_id, run_params(cfg, counts, len(train_y), len(val_y)))
-        scoring.log_data(client, run_id, meta, {"train": ("train", len(train_y)),
-                                                "validation": ("val", len(val_y))})
+                      script=__file__) as run_id:
+        runs.log_params(client, run_id, run_params(cfg, inputs.model.param_count(),
+                                                   len(inputs.train_labels),
+                                                   len(inputs.val_labels)))
+        scoring.log_data(client, run_id, inputs.meta,
+                         {"train": ("train", len(inputs.train_labels)),
+                          "validation": ("val", len(inputs.val_labels))})
         buffer = metrics.MetricBuffer(client, run_id, cfg.tracking.flush_every_seconds)
-        # A diverging run overflows before train() notices and raises DivergenceError, the
-        # one-line error; numpy's overflow warnings on the way would only bury it.
-        with np.errstate(over="ignore", invalid="ignore"):
-            result = train(model, train_x, train_y, val_x, val_y, settings,
-                           on_checkpoint=lambda c: buffer.add(checkpoint_values(c), c.iteration),
-                           log=log.info)
-        summary = summarize(result, counts["total"])
-        target = models_dir / cfg.name
-        history = history_frame(result)
-        run_info = {"run_id": run_id, "run_name": run_name, "experiment_id": experiment,
-                    "tracking_uri": portable(redact(client.tracking_uri)), "tracking": "incomplete",
-                    "model": model.config, "dataset": meta["dataset"],
-                    "data_sha256": prepared_data.fingerprint(meta)}
-        # The training's outputs first: whatever the store does from here on, they are kept.
-        with files.publish_dir(target, "model") as staging:
-            save_model_files(staging, model, result, cfg)
-            files.write_json(staging / "run.json", run_info)
-        files.write_text(metrics_dir / f"history_{cfg.name}.csv", history.to_csv(index=False))
-        files.write_json(metrics_dir / f"train_{cfg.name}.json", summary)
+        result = fit(cfg, inputs, lambda c: buffer.add(checkpoint_values(c), c.iteration))
+        run_info = {"run_id": run_id, "run_name": run_name,
+                    "experiment_id": client.get_run(run_id).info.experiment_id,
+                    "tracking_uri": portable(redact(client.tracking_uri)),
+                    "tracking": "incomplete", "model": inputs.model.config,
+                    "dataset": inputs.meta["dataset"],
+                    "data_sha256": prepared_data.fingerprint(inputs.meta)}
+        target = publish(cfg, inputs, result, run_info)
         with runs.completing(run_id, f"the model is saved in {target} (run.json: tracking "
                              "incomplete)", rerun_command()):
-            buffer.add({key: summary[key] for key in SUMMARY_METRICS}, step=0)
-            buffer.finish()
-            log.info("MLflow: %d metric values sent in %.2f s", buffer.values_sent,
-                     buffer.seconds_spent)
-            client.set_tag(run_id, "metric_logging_seconds", f"{buffer.seconds_spent:.3f}")
-            runs.set_description(client, run_id, scoring.describe(client.get_run(run_id)))
-            # At step 0, where the summary is: MLflow attaches it to the model too.
-            found = log_best_model(client, run_id, cfg, target / "best.npz", val_images[:3], job)
-            test_summary = (self_test(client, run_id, cfg, model, result, data_dir, meta,
-                                      found["model_id"]) if job else None)
-            files.write_json(target / "run.json", {**run_info, **found, "tracking": "complete"})
-            with tempfile.TemporaryDirectory() as folder:  # the committed copy is in metrics/
-                history.to_csv(Path(folder) / "history.csv", index=False)
-                for path in [*sorted(target.iterdir()), Path(folder) / "history.csv"]:
-                    if not path.name.startswith("."):  # (the output folder's own marker)
-                        client.log_artifact(run_id, str(path))
-            if job is not None:
-                files.write_json(metrics_dir / "test.json", {cfg.name: test_summary})
-    log.info("wrote %s and %s/train_%s.json", target, metrics_dir, cfg.name)
-    if job is not None:
-        sweep_job.log_progress(client, job.sweep_id)
+            track(client, run_id, cfg, inputs, result, buffer, target, run_info)
     return float(result.best.val_loss)
 
 

@@ -1,8 +1,9 @@
 """Hydra's hooks around a sweep (registered in conf/train.yaml under hydra.callbacks).
 
 Start: check the store answers, create the experiment and the sweep's parent run once, before
-any job (parallel jobs would race). End: count the jobs' runs by status, record the timing on
-the parent, end it, print one summary line; exit 1 naming the jobs that failed. Hydra turns an
+any job (parallel jobs would race). Each job's end, in the job's process: ``job_seconds`` on its
+run, the sweep's progress line. End: count the jobs' runs by status, record the timing on the
+parent, end it, print one summary line; exit 1 naming the jobs that failed. Hydra turns an
 exception in a callback into a warning, so both hooks end the command themselves.
 """
 
@@ -53,6 +54,27 @@ class SweepCallback(Callback):
     def __init__(self) -> None:
         self.sweep_id: str | None = None
         self.parent_run_id: str | None = None
+        self.job_started: float | None = None
+
+    def on_job_start(self, config: DictConfig, **kwargs) -> None:
+        self.job_started = time.monotonic()
+
+    def on_job_end(self, config: DictConfig, job_return, **kwargs) -> None:
+        """However the job ended: ``job_seconds`` on its run (the sweep's parallel speed-up is
+        its wall time over the sum of these) and 'sweep <id>: k of N jobs done'."""
+        job = sweep.current_job()
+        if job is None or self.job_started is None:
+            return
+        try:
+            client = store.connect(config.tracking)
+            run = job.find_run(client)
+            if run is not None:
+                metrics.log_metrics(client, run.info.run_id,
+                                    {"job_seconds": time.monotonic() - self.job_started})
+            sweep.log_progress(client, job.sweep_id)
+        except Exception as exc:  # the store may be gone: the job's own outcome matters
+            log.warning("sweep %s, job %d: could not record its timing: %s", job.sweep_id,
+                        job.num, one_line(exc))
 
     def on_multirun_start(self, config: DictConfig, **kwargs) -> None:
         try:

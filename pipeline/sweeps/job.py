@@ -242,6 +242,16 @@ def current_job() -> Job | None:
                overrides=tuple(hydra.overrides.task))
 
 
+def run_identity(client, name: str, tags: dict[str, str]) -> tuple[str, dict[str, str]]:
+    """A run's name and tags: ``name`` and ``tags`` for a single run; a sweep job's run is named
+    by its swept values and tagged (nested) as one of its sweep's jobs."""
+    job = current_job()
+    if job is None:
+        return name, tags
+    parent = parent_run(client, job)
+    return job.run_name(name, parent), {**tags, **job.tags(parent)}
+
+
 def parent_run(client, job: Job):
     """The parent run of ``job``'s sweep, or None (with a warning) if there is none."""
     parent = find_parent(client, job.sweep_id)
@@ -283,4 +293,3 @@ def record_failed_job(cfg: DictConfig, error: str, script: str) -> None:
             continue
     runs.log_params(client, run.info.run_id, params)
     runs.end_failed(client, run.info.run_id, error)
-    log_progress(client, job.sweep_id)
