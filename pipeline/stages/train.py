@@ -28,7 +28,6 @@ import pandas as pd
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
-from birnn.data import scale_pixels
 from birnn.models import RNNClassifier, build_model
 from birnn.training import LRSchedule, TrainResult, TrainSettings, train
 from pipeline import files, prepared_data, schema, scoring
@@ -192,8 +191,6 @@ def train_task(cfg: DictConfig) -> float:
     meta = prepared_data.read_meta(data_dir, cfg.dataset)
     train_images, train_y = prepared_data.load(data_dir, "train", meta, cfg.train.train_limit)
     val_images, val_y = prepared_data.load(data_dir, "val", meta, cfg.train.val_limit)
-    train_x = scale_pixels(train_images, cfg.train.dtype)
-    val_x = scale_pixels(val_images, cfg.train.dtype)
     model, settings = make_model(cfg), make_settings(cfg)
     counts = model.param_count()
     log.info("%s: %d parameters %s; %d training / %d validation samples of %s",
@@ -219,7 +216,7 @@ def train_task(cfg: DictConfig) -> float:
         # A diverging run overflows before train() notices and raises DivergenceError, the
         # one-line error; numpy's overflow warnings on the way would only bury it.
         with np.errstate(over="ignore", invalid="ignore"):
-            result = train(model, train_x, train_y, val_x, val_y, settings,
+            result = train(model, train_images, train_y, val_images, val_y, settings,
                            on_checkpoint=lambda c: buffer.add(checkpoint_values(c), c.iteration),
                            log=log.info)
         summary = summarize(result, counts["total"])
