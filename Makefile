@@ -6,15 +6,41 @@ export PATH := $(abspath $(BIN)):$(PATH)
 # A sweep directory (and so a sweep id) is used once: stamp it.
 SWEEP_STAMP := $(shell date +%Y%m%d-%H%M%S)
 
-.PHONY: setup reproduce sweep findings test test-slow test-ui test-ray benchmark ui
+.PHONY: setup reproduce sweep findings test test-slow test-ui test-ray benchmark ui lock
 
+# Exact versions, from lock files: requirements/setup.txt is what the pipeline needs
+# (pyproject.toml's dependencies); test.txt adds the `test` extra (pytest and the server,
+# launcher and Optuna extras its tests use); ui.txt adds playwright for test-ui. Each lock is
+# resolved with the one before as a constraint, so a package has one version in all three.
+# pyproject.toml keeps the ranges, for installing birnn as a library.
 setup: $(VENV)/.installed
 
-$(VENV)/.installed: pyproject.toml
+$(VENV)/.installed: requirements/setup.txt pyproject.toml
 	python3 -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e ".[dev]"
+	$(BIN)/python -m pip install --quiet -r requirements/setup.txt
+	$(BIN)/python -m pip install --quiet --no-deps -e .
 	touch $@
+
+$(VENV)/.installed-test: $(VENV)/.installed requirements/test.txt
+	$(BIN)/python -m pip install --quiet -r requirements/test.txt
+	touch $@
+
+$(VENV)/.installed-ui: $(VENV)/.installed-test requirements/ui.txt
+	$(BIN)/python -m pip install --quiet -r requirements/ui.txt
+	touch $@
+
+# Refresh the locks after editing pyproject.toml's dependencies (or to take newer releases):
+# `pip install uv` (any Python), then `make lock`; uv keeps a package's locked version unless
+# the ranges exclude it, `make lock UPGRADE=--upgrade` moves everything to the newest allowed.
+# Then `make test`, and commit pyproject.toml with requirements/.
+UV ?= uv
+lock:                     ## re-resolve requirements/*.txt from pyproject.toml (needs uv)
+	$(UV) pip compile --quiet --universal $(UPGRADE) pyproject.toml -o requirements/setup.txt
+	$(UV) pip compile --quiet --universal $(UPGRADE) pyproject.toml --extra test \
+	    --constraint requirements/setup.txt -o requirements/test.txt
+	$(UV) pip compile --quiet --universal $(UPGRADE) pyproject.toml --extra test --extra ui \
+	    --constraint requirements/test.txt -o requirements/ui.txt
 
 reproduce: setup          ## the book experiment: prepare, train uni and bi, evaluate, report
 	dvc repro
@@ -27,18 +53,18 @@ sweep: setup              ## the book configuration over 5 seeds, one job per co
 findings: setup           ## reports/findings.md from the sweeps named in study/conf/findings.yaml
 	python -m study.findings
 
-test: setup               ## the fast test suite (a few minutes on 2 cores)
+test: $(VENV)/.installed-test   ## the fast test suite (a few minutes on 2 cores)
 	python -m pytest
 
-test-slow: setup          ## the long checks: the full book configuration end to end
+test-slow: $(VENV)/.installed-test   ## the long checks: the full book configuration end to end
 	python -m pytest -m slow
 
-test-ui: setup            ## the MLflow UI in headless Chromium (apt-get install chromium), a few minutes
+test-ui: $(VENV)/.installed-ui   ## the MLflow UI in headless Chromium (apt-get install chromium), a few minutes
 	python -m pytest -m ui
 
 test-ray:                 ## the Ray launcher test, in its own virtualenv (.venv-ray, about 1.3 GB)
 	python3 -m venv .venv-ray
-	.venv-ray/bin/python -m pip install --quiet -e ".[dev]" hydra-ray-launcher
+	.venv-ray/bin/python -m pip install --quiet -e ".[test]" hydra-ray-launcher
 	.venv-ray/bin/python -m pytest -m ray
 
 benchmark: setup          ## seconds per epoch and peak memory, as JSON

@@ -7,6 +7,11 @@ What the book's code does, and so what this does:
 - a checkpoint every fraction of an epoch (0.5: every 215 of the 430 iterations): the
   whole validation set is evaluated, and the parameters with the lowest validation loss
   so far (strict <) are kept as "best"; the parameters after the last update are "last".
+
+Images may be given as uint8 pixels: the training set then stays uint8 and each batch is
+scaled to [0, 1] (``birnn.data.scale_pixels``, x / 255) as it is used. Division is
+elementwise, so that is bit for bit the same as scaling the whole set first, in an eighth
+of the memory (55,000 MNIST images: 43 MB instead of 345 MB as float64).
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ from typing import Callable
 import numpy as np
 from threadpoolctl import threadpool_limits
 
+from birnn.data import scale_pixels
 from birnn.layers import accuracy, softmax_cross_entropy
 from birnn.models import RNNClassifier
 
@@ -132,7 +138,8 @@ def train(model: RNNClassifier, train_x: np.ndarray, train_y: np.ndarray,
           log: Callable[[str], None] | None = print) -> TrainResult:
     """Train ``model`` in place.
 
-    train_x: (N, T, D) floats, train_y: (N,) integer labels; likewise val_x, val_y.
+    train_x: (N, T, D) uint8 pixels 0..255, scaled one batch at a time, or floats used as
+    they are; train_y: (N,) integer labels; likewise val_x (scaled once, if pixels), val_y.
     ``on_checkpoint`` receives every checkpoint as it is made; ``log`` every progress line.
     Raises DivergenceError when the loss or a parameter stops being finite, or the loss
     exceeds ``settings.max_loss``. There is always at least one checkpoint, since
@@ -141,8 +148,8 @@ def train(model: RNNClassifier, train_x: np.ndarray, train_y: np.ndarray,
     n = len(train_x)
     if n == 0 or len(val_x) == 0:
         raise ValueError("training and validation sets must not be empty")
-    train_x = np.asarray(train_x, dtype=model.dtype)
-    val_x = np.asarray(val_x, dtype=model.dtype)
+    train_x = _check_inputs(train_x, "train_x")
+    val_x = model_inputs(val_x, model.dtype, "val_x")    # 5,000 images: scaled once
     batches_per_epoch = math.ceil(n / settings.batch_size)
     checkpoint_interval = max(1, int(batches_per_epoch * settings.checkpoint_every))
     shuffle_rng = np.random.default_rng(settings.seed)
@@ -161,7 +168,7 @@ def train(model: RNNClassifier, train_x: np.ndarray, train_y: np.ndarray,
             order = shuffle_rng.permutation(n)
             for first in range(0, n, settings.batch_size):
                 batch = order[first:first + settings.batch_size]
-                xb, yb = train_x[batch], train_y[batch]
+                xb, yb = model_inputs(train_x[batch], model.dtype), train_y[batch]
                 logits, cache = model.forward(xb)
                 loss, dlogits = softmax_cross_entropy(logits, yb)
                 if not math.isfinite(loss) or (settings.max_loss is not None and loss > settings.max_loss):
@@ -199,8 +206,10 @@ def train(model: RNNClassifier, train_x: np.ndarray, train_y: np.ndarray,
 
 
 def evaluate(model: RNNClassifier, x: np.ndarray, y: np.ndarray) -> Evaluation:
-    """Loss, accuracy, per-class accuracy and confusion matrix of ``model`` on x: (N, T, D), y: (N,)."""
+    """Loss, accuracy, per-class accuracy and confusion matrix of ``model`` on x: (N, T, D)
+    (uint8 pixels or floats, as ``train``), y: (N,)."""
     num_classes = model.config["num_classes"]
+    x = model_inputs(x, model.dtype)
     with threadpool_limits(limits=1, user_api="blas"):
         logits = model.predict_logits(x)
     loss, _ = softmax_cross_entropy(logits, y)
@@ -212,6 +221,21 @@ def evaluate(model: RNNClassifier, x: np.ndarray, y: np.ndarray) -> Evaluation:
         per_class = np.where(per_class_total > 0, confusion.diagonal() / per_class_total, np.nan)
     return Evaluation(loss=loss, accuracy=float(np.mean(predictions == y)),
                       per_class_accuracy=per_class, confusion=confusion, predictions=predictions)
+
+
+def model_inputs(x: np.ndarray, dtype: np.dtype, name: str = "x") -> np.ndarray:
+    """x: (N, T, D) uint8 pixels -> scaled to [0, 1] in ``dtype``; floats -> cast to ``dtype``."""
+    x = _check_inputs(x, name)
+    return scale_pixels(x, dtype) if x.dtype == np.uint8 else np.asarray(x, dtype=dtype)
+
+
+def _check_inputs(x: np.ndarray, name: str) -> np.ndarray:
+    # Other integer arrays are ambiguous (pixels of another range? already features?):
+    # refused rather than silently fed to the model unscaled.
+    x = np.asarray(x)
+    if x.dtype != np.uint8 and not np.issubdtype(x.dtype, np.floating):
+        raise ValueError(f"{name} must be uint8 pixels or floats, got dtype {x.dtype}")
+    return x
 
 
 def _loss_and_accuracy(model: RNNClassifier, x: np.ndarray, y: np.ndarray) -> tuple[float, float]:

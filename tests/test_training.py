@@ -1,10 +1,14 @@
 """Tests of birnn.training: schedules, checkpoints, the best-parameter rule, determinism,
-divergence, evaluation, and a short training on real MNIST that has to learn."""
+divergence, evaluation, uint8 pixels scaled batch by batch (bit-identical, and without a float
+copy of the training set), and a short training on real MNIST that has to learn."""
 
 from __future__ import annotations
 
 import math
 import re
+import subprocess
+import sys
+import tracemalloc
 from pathlib import Path
 
 import numpy as np
@@ -17,7 +21,8 @@ from birnn.layers import softmax_cross_entropy
 from birnn.models import BiRNN, UniRNN
 from birnn.training import DivergenceError, LRSchedule, TrainSettings, evaluate, train
 
-MNIST = Path(__file__).resolve().parent.parent / "data" / "raw" / "mnist"
+ROOT = Path(__file__).resolve().parent.parent
+MNIST = ROOT / "data" / "raw" / "mnist"
 T, D, C = 5, 3, 4
 
 
@@ -385,9 +390,11 @@ def test_evaluate():
 
 @pytest.fixture(scope="module")
 def mnist_small():
+    """uint8 pixels (N, 28, 28), as the train stage passes them."""
     images, labels = load_mnist(MNIST, "train")
     tx, ty, vx, vy = shuffle_split(images, labels, seed=0)
-    return scale_pixels(tx[:4000]), ty[:4000], scale_pixels(vx[:1000]), vy[:1000]
+    assert tx.dtype == vx.dtype == np.uint8
+    return tx[:4000], ty[:4000], vx[:1000], vy[:1000]
 
 
 @pytest.mark.parametrize("make", [lambda: UniRNN(seed=0), lambda: BiRNN(seed=0)],
@@ -418,3 +425,76 @@ def test_progress_line_keeps_the_books_fields_and_says_where_it_is():
     assert line.endswith("epoch 37/100, iteration 15,910/43,000, 0:05:18 elapsed, "
                          "about 0:09:01 left")
     assert "\n" not in line
+
+
+# ------------------------------------------------- uint8 pixels, scaled per batch
+
+
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
+@pytest.mark.parametrize("make", [UniRNN, BiRNN], ids=["uni", "bi"])
+def test_pixels_scaled_per_batch_train_bit_identically(mnist_small, make, dtype):
+    """uint8 images scaled batch by batch give the very parameters and checkpoints of the
+    whole set scaled first (what the train stage did before): x / 255 is elementwise."""
+    tx, ty, vx, vy = mnist_small
+    tx, ty = tx[:600], ty[:600]                       # batch 128: a last batch of 88, as the book's
+    kw = dict(epochs=2, batch_size=128, lr=0.05, checkpoint_every=0.5, seed=3)
+    pixels = run(make(seed=1, dtype=dtype), tx, ty, vx, vy, **kw)
+    scaled = run(make(seed=1, dtype=dtype), scale_pixels(tx, dtype), ty,
+                 scale_pixels(vx, dtype), vy, **kw)
+    assert len(pixels.history) == 5                  # every 2 of the 5 batches an epoch
+    assert pixels.history == scaled.history           # val loss and accuracy: exact floats
+    assert params_equal(pixels.last_params, scaled.last_params)
+    assert params_equal(pixels.best_params, scaled.best_params)
+    assert pixels.last_params["V"].dtype == dtype
+    # and not because the pixels made no difference: unscaled they train elsewhere
+    raw = run(make(seed=1, dtype=dtype), tx.astype(dtype), ty, vx.astype(dtype), vy, **kw)
+    assert not params_equal(raw.last_params, pixels.last_params)
+
+
+def test_evaluate_scales_pixels(mnist_small):
+    _, _, vx, vy = mnist_small
+    model = BiRNN(seed=2)
+    on_pixels, on_scaled = evaluate(model, vx, vy), evaluate(model, scale_pixels(vx), vy)
+    assert on_pixels.loss == on_scaled.loss
+    assert np.array_equal(on_pixels.predictions, on_scaled.predictions)
+    assert np.array_equal(on_pixels.confusion, on_scaled.confusion)
+
+
+@pytest.mark.parametrize("dtype", [np.int64, np.uint16, bool])
+def test_integer_inputs_other_than_uint8_are_refused(dtype):
+    # pixels of another range, or integer features: ambiguous, so not fed to the model as they are
+    x, y = synthetic(20, seed=1)
+    ints = (x > 0).astype(dtype)
+    with pytest.raises(ValueError, match=r"^train_x must be uint8 pixels or floats, got dtype"):
+        run(small_uni(), ints, y, x, y, epochs=1)
+    with pytest.raises(ValueError, match=r"^val_x must be uint8 pixels or floats"):
+        run(small_uni(), x, y, ints, y, epochs=1)
+    with pytest.raises(ValueError, match=r"^x must be uint8 pixels or floats"):
+        evaluate(small_uni(), ints, y)
+
+
+def test_training_keeps_pixels_uint8():
+    """No float copy of the training set: numpy's allocations during train() (tracemalloc
+    sees them) stay far below one. 20,000 images: 16 MB as uint8, 125 MB as float64."""
+    rng = np.random.default_rng(4)
+    x = rng.integers(0, 256, (20000, 28, 28), dtype=np.uint8)
+    y = rng.integers(0, 10, 20000)
+    float_copy = x.size * np.dtype("float64").itemsize
+    tracemalloc.start()
+    try:
+        run(UniRNN(hidden_size=4, seed=0), x, y, x[:100], y[:100], epochs=1, batch_size=500,
+            checkpoint_every=1)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < float_copy / 10, f"peak {peak / 2**20:.1f} MiB"
+
+
+@pytest.mark.slow  # two epochs of each model on the whole training set (about 30 s loaded)
+def test_book_training_peak_memory():
+    """The benchmark's memory run: the book's data (uint8) and models, float64, checkpoints
+    included, in a fresh process. The whole set as float64 alone would be 345 MB."""
+    done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "epoch.py"), "--memory-child", "1"],
+                          check=True, capture_output=True, text=True, cwd=ROOT)
+    peak_mib = float(done.stdout.strip().splitlines()[-1])
+    assert peak_mib <= 300, f"peak RSS {peak_mib:.0f} MiB"

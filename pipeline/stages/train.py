@@ -27,7 +27,6 @@ import pandas as pd
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
-from birnn.data import scale_pixels
 from birnn.models import RNNClassifier, build_model
 from birnn.training import LRSchedule, TrainResult, TrainSettings, train
 from pipeline import files, prepared_data, schema, scoring
@@ -201,10 +200,9 @@ def fit(cfg: DictConfig, inputs: Inputs, on_checkpoint) -> TrainResult:
     # A diverging run overflows before train() notices and raises DivergenceError, the
     # one-line error; numpy's overflow warnings on the way would only bury it.
     with np.errstate(over="ignore", invalid="ignore"):
-        return train(inputs.model, scale_pixels(inputs.train_images, cfg.train.dtype),
-                     inputs.train_labels, scale_pixels(inputs.val_images, cfg.train.dtype),
-                     inputs.val_labels, inputs.settings, on_checkpoint=on_checkpoint,
-                     log=log.info)
+        return train(inputs.model, inputs.train_images, inputs.train_labels,
+                     inputs.val_images, inputs.val_labels, inputs.settings,
+                     on_checkpoint=on_checkpoint, log=log.info)
 
 
 def publish(cfg: DictConfig, inputs: Inputs, result: TrainResult, run_info: dict) -> Path:
