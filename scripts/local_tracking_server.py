@@ -6,7 +6,7 @@ starts PostgreSQL (a fresh cluster in a temporary folder, on a free loopback por
 in that folder) and ``mlflow server`` against it, prints the tracking URI, and serves until
 Ctrl-C, SIGTERM or SIGHUP; then it stops both, deletes the folder and exits with 128 + the
 signal number. Use it to try ``tracking=server`` on one machine; a real shared server is set up
-as in the README ("A shared tracking server"). The tests use :func:`tracking_server` from here
+as in docs/tracking.md ("A shared tracking server"). The tests use :func:`tracking_server` from here
 (tests/test_server.py, tests/test_local_server_script.py).
 
 It is meant to be safe when left running by mistake:

@@ -433,7 +433,7 @@ def test_registered_versions_carry_the_presets_alias(quick):
 
 def test_served_alias_answers_with_the_evaluate_stages_digits(quick, tmp_path):
     """`mlflow models serve -m models:/birnn-mnist-bi@quick --env-manager local` on 127.0.0.1, as
-    the README shows for @book: 100 test images in, the evaluate stage's digits out."""
+    docs/tracking.md shows for @book: 100 test images in, the evaluate stage's digits out."""
     from pipeline.tracking.logged_model import images_frame
 
     project = quick["project"]
