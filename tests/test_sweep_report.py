@@ -158,3 +158,13 @@ def test_the_report_describes_a_sweep_without_where_it_tracked():
     described = experiment_overrides(
         "model=uni,bi train.seed=range(0,5) tracking.uri=sqlite:////home/me/mlflow.db")
     assert described == "model=uni,bi train.seed=range(0,5)"
+
+
+def test_a_runs_schedule_reads_as_its_rates_and_epochs():
+    from pipeline.sweeps.runs import schedule_text
+
+    assert schedule_text({"model.lr": "0.005", "model.lr_milestones": "{}"}) == "0.005 constant"
+    assert schedule_text({"model.lr": "0.01", "model.lr_milestones":
+                          '{"50": 0.005, "30": 0.008, "70": 0.002}'}) == \
+        "0.01; 0.008 from epoch 30, 0.005 from 50, 0.002 from 70"
+    assert schedule_text({}) == ""  # a job that failed before training logged no model.lr

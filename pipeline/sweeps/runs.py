@@ -69,6 +69,19 @@ def _hidden_per_chain(params: dict) -> int | None:
     return int(value) if value is not None else None
 
 
+def schedule_text(params: dict) -> str:
+    """'0.005 constant' or '0.01; 0.008 from epoch 30, 0.005 from 50' (0-based epochs), from a
+    run's ``model.lr`` and ``model.lr_milestones`` (the milestones in effect) params."""
+    if "model.lr" not in params:
+        return ""
+    milestones = json.loads(params.get("model.lr_milestones") or "{}")
+    if not milestones:
+        return f"{params['model.lr']} constant"
+    steps = sorted((int(epoch), rate) for epoch, rate in milestones.items())
+    return (f"{params['model.lr']}; " + ", ".join(
+        f"{rate} from {'epoch ' if i == 0 else ''}{epoch}" for i, (epoch, rate) in enumerate(steps)))
+
+
 def job_table(runs: list) -> pd.DataFrame:
     labels = configuration_labels(runs)
     rows = []
@@ -83,7 +96,11 @@ def job_table(runs: list) -> pd.DataFrame:
             "param_count": int(params["param_count"]) if "param_count" in params else None,
             "hidden": _hidden_per_chain(params), "merge": params.get("model.merge", ""),
             "dataset": tags.get("dataset", "?"),
+            "schedule": schedule_text(params),
+            "epochs": int(params["train.epochs"]) if "train.epochs" in params else None,
             **{key: metrics.get(key) for key in TEST_METRICS},
+            "best_val_loss": metrics.get("best_val_loss"),
+            "best_epoch": metrics.get("best_epoch"),
             "train_seconds": metrics.get("train_seconds"),
             "job_seconds": metrics.get("job_seconds"),
             "run_id": run.info.run_id, "error": tags.get(tracked_runs.ERROR_TAG, ""),
