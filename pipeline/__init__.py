@@ -1,0 +1,1 @@
+"""The Hydra/MLflow/DVC pipeline around birnn: stages, tracking, sweeps, reports."""

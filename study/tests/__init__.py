@@ -1,0 +1,1 @@
+"""Tests of the study (run with the rest: python -m pytest)."""
