@@ -5,7 +5,9 @@ Before any work, every folder the stage will write or replace is checked
 (pipeline.output_paths): Hydra's own run and sweep folders as given on the command line before
 Hydra creates them, the configured outputs after composition. A read-only or full disk is a
 one-line error too. ``HYDRA_FULL_ERROR`` is set so that Hydra re-raises instead of printing its
-own multi-line report. In a sweep job (``-m``) of a stage that passes ``on_job_failure``, a
+own multi-line report. A URI with credentials, on the command line, in $MLFLOW_TRACKING_URI or
+in the composed config, is refused before anything is written (pipeline.credentials). In a
+sweep job (``-m``) of a stage that passes ``on_job_failure``, a
 failure is printed as ``error: job <n>: <what>``, recorded and not raised, so that the other
 jobs carry on; the sweep's end hook (pipeline.sweeps.callback) then names the failed jobs and
 exits non-zero.
@@ -27,7 +29,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
-from pipeline import files, interrupts, output_paths, redaction, schema
+from pipeline import credentials, files, interrupts, output_paths, schema
 from pipeline.errors import exit_with_error, is_expected, one_line
 from pipeline.paths import CONF_DIR
 
@@ -55,13 +57,37 @@ HYDRA_DIRS = ("hydra.run.dir", "hydra.sweep.dir", "hydra.sweep.subdir")
 QUIET_LOGGERS = ("mlflow.store.db.utils",)
 
 
+# Hydra's command-line options that take a value (Hydra's own parser of them is private, so
+# they are listed here, as of hydra-core 1.3): their value is not an override.
+_VALUE_OPTIONS = frozenset({"--config-path", "-cp", "--config-name", "-cn", "--config-dir", "-cd",
+                            "--experimental-rerun", "--package", "-p", "--cfg", "-c"})
+_INFO_OPTIONS = frozenset({"--info", "-i"})  # an optional value, one of:
+_INFO_CHOICES = frozenset({"all", "config", "defaults", "defaults-tree", "plugins", "searchpath"})
+
+
+def command_line_overrides(argv: list[str]) -> list[str]:
+    """The overrides of a Hydra command line: its arguments that are not options or their
+    values (``-m``, ``--config-name train``, ``--cfg=job`` ...)."""
+    overrides, pending_value, optional_value = [], False, False
+    for argument in argv:
+        if pending_value or (optional_value and argument in _INFO_CHOICES):
+            pending_value = optional_value = False
+            continue
+        optional_value = False
+        if argument.startswith("-"):
+            pending_value = argument in _VALUE_OPTIONS
+            optional_value = argument in _INFO_OPTIONS
+            continue
+        overrides.append(argument)
+    return overrides
+
+
 def check_hydra_dirs(argv: list[str]) -> None:
     """Hydra's run and sweep folders given on the command line, checked before Hydra creates
     them and writes its .hydra/ files and log there."""
-    from hydra._internal.utils import get_args_parser
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
-    overrides = get_args_parser().parse_known_args(argv)[0].overrides
+    overrides = command_line_overrides(argv)
     for override in OverridesParser.create().parse_overrides(overrides):
         if override.key_or_group in HYDRA_DIRS and isinstance(override.value(), str):
             output_paths.check_hydra_dir(override.key_or_group, override.value())
@@ -111,8 +137,8 @@ def stage(config_name: str, on_job_failure: JobFailureHandler | None = None,
     def decorate(task: Task) -> Callable[[], "float | None"]:
         @hydra.main(version_base="1.3", config_path=str(config_dir), config_name=config_name)
         def hydra_app(cfg: DictConfig) -> float | None:
-            redaction.install()  # also in a launcher's worker process
-            redaction.scrub_hydra_outputs()  # Hydra saved the command line as typed
+            with _reported():  # before a sweep job's failure is recorded in that very store
+                credentials.check_config(cfg)
             in_sweep = HydraConfig.get().mode == RunMode.MULTIRUN
             if in_sweep and on_job_failure is not None:
                 with _job_failure_recorded(cfg, on_job_failure):
@@ -130,14 +156,13 @@ def stage(config_name: str, on_job_failure: JobFailureHandler | None = None,
             os.environ["HYDRA_FULL_ERROR"] = "1"
             for name in QUIET_LOGGERS:  # a filter: MLflow's logging setup resets levels
                 logging.getLogger(name).addFilter(lambda record: False)
-            redaction.install()
             interrupts.install_signal_handlers()
-            try:
-                with _reported():
-                    check_hydra_dirs(sys.argv[1:])
-                    return hydra_app()
-            finally:  # a sweep's multirun.yaml, and jobs that died before their task started
-                redaction.scrub_hydra_outputs()
+            with _reported():
+                # Before Hydra writes anything (its output folder, .hydra/*.yaml, the log).
+                credentials.check_arguments(sys.argv[1:])
+                credentials.check_environment()
+                check_hydra_dirs(sys.argv[1:])
+                return hydra_app()
 
         return main
 

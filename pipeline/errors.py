@@ -16,7 +16,6 @@ from omegaconf.errors import OmegaConfBaseException
 
 from birnn.data import DataError
 from birnn.training import DivergenceError
-from pipeline.redaction import redact
 
 
 class StageError(RuntimeError):
@@ -86,7 +85,7 @@ def one_line(exc: BaseException) -> str:
         text = ": ".join([*names, exc.strerror])
     else:
         text = _without_sql(str(exc)) or type(exc).__name__
-    return redact(" ".join(text.split()))  # a tracking URI's credentials, say
+    return " ".join(text.split())
 
 
 def _without_sql(text: str) -> str:

@@ -6,6 +6,7 @@ port and store. Every process it started is killed when the context ends."""
 from __future__ import annotations
 
 import contextlib
+import http.server
 import os
 import signal
 import subprocess
@@ -106,3 +107,64 @@ def mlflow_server(folder: Path) -> Iterator[Server]:
         yield server
     finally:
         server.stop_all()
+
+
+@contextlib.contextmanager
+def basic_auth_proxy(upstream: Server, user: str, password: str
+                     ) -> Iterator["http.server.ThreadingHTTPServer"]:
+    """A reverse proxy in front of ``upstream`` on a free port that answers 401 to any request
+    without HTTP basic auth ``user``:``password`` (MLflow's own basic-auth app needs Flask-WTF,
+    which the project does not install). Yields the proxy: ``url`` to give the stages,
+    ``refused`` the paths of the requests it refused (no header is kept)."""
+    import base64
+    import http.client
+    import threading
+
+    expected = "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def log_message(self, *args) -> None:  # quiet
+            pass
+
+        def _forward(self) -> None:
+            length = int(self.headers.get("Content-Length") or 0)
+            body = self.rfile.read(length) if length else None
+            if self.headers.get("Authorization") != expected:
+                refused.append(self.path)
+                self.send_response(401)
+                self.send_header("WWW-Authenticate", 'Basic realm="mlflow"')
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+                return
+            headers = {k: v for k, v in self.headers.items()
+                       if k.lower() not in ("authorization", "host", "connection")}
+            connection = http.client.HTTPConnection("127.0.0.1", upstream.port, timeout=60)
+            try:
+                connection.request(self.command, self.path, body=body, headers=headers)
+                response = connection.getresponse()
+                data = response.read()
+            finally:
+                connection.close()
+            self.send_response(response.status)
+            for key, value in response.getheaders():
+                if key.lower() not in ("transfer-encoding", "connection", "content-length"):
+                    self.send_header(key, value)
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+        do_GET = do_POST = do_PUT = do_PATCH = do_DELETE = _forward
+
+    refused: list[str] = []
+    proxy = http.server.ThreadingHTTPServer(("127.0.0.1", free_port()), Handler)
+    proxy.refused = refused  # type: ignore[attr-defined]
+    proxy.url = f"http://127.0.0.1:{proxy.server_address[1]}"  # type: ignore[attr-defined]
+    thread = threading.Thread(target=proxy.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield proxy
+    finally:
+        proxy.shutdown()
+        proxy.server_close()

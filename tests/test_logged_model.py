@@ -121,17 +121,21 @@ def test_signature_example_requirements_and_run_left_alone(store, tmp_path, monk
     run_id = new_run(store)
     client.log_param(run_id, "model.hidden_size", "8")
     client.set_terminated(run_id, "FINISHED")      # evaluate logs into finished training runs
+    ended = client.get_run(run_id).info.end_time
     elsewhere = "sqlite:///" + str(tmp_path / "not-this-one.db")
     monkeypatch.setenv("MLFLOW_TRACKING_URI", elsewhere)   # the client decides, not the env
+    mlflow.set_tracking_uri(elsewhere)
 
     info = logged_model.log_model(client, run_id, path, name="best", input_example=images(3),
                                   tags={"rule": "best"})
 
-    assert os.environ["MLFLOW_TRACKING_URI"] == elsewhere and mlflow.get_tracking_uri() == elsewhere
+    # The client's store became MLflow's tracking URI, as documented (and for child processes).
+    assert mlflow.get_tracking_uri() == client.tracking_uri
+    assert os.environ["MLFLOW_TRACKING_URI"] == client.tracking_uri
     assert not (tmp_path / "not-this-one.db").exists()
     assert mlflow.active_run() is None
     run = client.get_run(run_id)
-    assert run.info.status == "FINISHED"
+    assert (run.info.status, run.info.end_time) == ("FINISHED", ended)
     assert [o.model_id for o in run.outputs.model_outputs] == [info.model_id]
     model = client.get_logged_model(info.model_id)
     assert (model.experiment_id, model.name, model.source_run_id, str(model.status)) == \
@@ -155,6 +159,28 @@ def test_signature_example_requirements_and_run_left_alone(store, tmp_path, monk
     assert (local / "logged_model.py").is_file()                    # models from code, no pickle
     assert not list(local.rglob("*.pkl"))
     assert mlmodel.metadata["birnn_config"]["hidden_size"] == 8
+
+
+@pytest.mark.filterwarnings("ignore:.*input example was not provided")
+def test_a_running_run_stays_running_and_a_failed_log_leaves_no_active_run(store, tmp_path,
+                                                                           monkeypatch):
+    client, _, _ = store
+    _, path = saved_model(tmp_path)
+    run_id = new_run(store)                 # the train stage logs its model mid-run
+    info = logged_model.log_model(client, run_id, path)
+    assert client.get_run(run_id).info.status == "RUNNING"
+    assert mlflow.active_run() is None
+    assert [o.model_id for o in client.get_run(run_id).outputs.model_outputs] == [info.model_id]
+
+    def store_fails(**kwargs):
+        assert mlflow.active_run().info.run_id == run_id   # logged inside the run
+        raise MlflowException("the store went away")
+
+    monkeypatch.setattr(mlflow.pyfunc, "log_model", store_fails)
+    with pytest.raises(MlflowException, match="went away"):
+        logged_model.log_model(client, run_id, path, name="second")
+    assert mlflow.active_run() is None
+    assert client.get_run(run_id).info.status == "RUNNING"
 
 
 @pytest.mark.filterwarnings("ignore:.*input example was not provided")

@@ -212,3 +212,35 @@ def test_processes_opening_a_fresh_sqlite_store_at_once_all_succeed(tmp_path):
     assert [p.returncode for p in procs] == [0, 0, 0], [err[-500:] for _, err in outputs]
     experiment_ids = {out.split()[-1] for out, _ in outputs}
     assert len(experiment_ids) == 1  # one experiment, created once
+
+
+class DatasetRaceClient:
+    """log_inputs fails the first ``failures`` times with ``error``, as MLflow's SQL store does
+    when a parallel job inserted the same dataset between its lookup and its insert."""
+
+    def __init__(self, error: str, failures: int = 1):
+        self.error, self.failures, self.calls = error, failures, []
+
+    def log_inputs(self, run_id, datasets=None, models=None):
+        from mlflow.exceptions import MlflowException
+
+        self.calls.append([d.dataset.name for d in datasets])
+        if len(self.calls) <= self.failures:
+            raise MlflowException(self.error)
+
+
+def test_a_dataset_logged_by_a_parallel_job_at_once_is_linked_on_a_second_try():
+    race = ("BAD_REQUEST: (psycopg.errors.UniqueViolation) duplicate key value violates unique "
+            'constraint "dataset_pk" DETAIL: Key (experiment_id, name, digest)=(1, mnist-train, '
+            "d2377a82b04fe4c9) already exists.")
+    client = DatasetRaceClient(race)
+    runs.log_data_inputs(client, "r", "data/raw/mnist", "f" * 64, {"train": ("mnist-train", 9)})
+    assert client.calls == [["mnist-train"], ["mnist-train"]]
+
+    with pytest.raises(Exception, match="dataset_pk"):      # at most one retry
+        runs.log_data_inputs(DatasetRaceClient(race, failures=2), "r", "data/raw/mnist",
+                             "f" * 64, {"train": ("mnist-train", 9)})
+    other = DatasetRaceClient("RESOURCE_DOES_NOT_EXIST: run r not found")
+    with pytest.raises(Exception, match="not found"):       # other errors: not retried
+        runs.log_data_inputs(other, "r", "data/raw/mnist", "f" * 64, {"train": ("t", 9)})
+    assert len(other.calls) == 1

@@ -123,7 +123,10 @@ def wait_for_cells(page, run_name: str, column: str) -> dict[str, str]:
         time.sleep(0.2)
 
 
-def test_make_ui_link_opens_the_runs_with_the_comparison_columns(ui, page):
+def test_make_ui_link_opens_the_runs_nested_under_their_report(ui, page):
+    # (No saved view of the comparison's columns any more: MLflow keeps one in an internal
+    # experiment tag whose format changes between minor releases. Parameter counts side by
+    # side: the compare page, next test.)
     client = ui["client"]
     url = compare.runs_page_url(client, EXPERIMENT, base=ui["url"])   # what `make ui` prints
     page.goto(url, wait_until="networkidle")
@@ -134,12 +137,8 @@ def test_make_ui_link_opens_the_runs_with_the_comparison_columns(ui, page):
     # One report run per dataset, the training runs folded under it: unfold MNIST's.
     page.locator(".ag-row", has_text="table-19-12-fashion_mnist").first.wait_for()
     page.locator(".ag-row", has_text="table-19-12-mnist").locator("button").first.click()
-    for name, count in (("uni", "2282"), ("bi", "2170")):
-        cells = wait_for_cells(page, name, "params.`param_count`")
-        metrics = client.get_run(ui["runs"][name]).data.metrics
-        assert cells["params.`param_count`"] == count, cells
-        assert cells["tags.`dataset`"] == "mnist", cells
-        assert float(cells["metrics.`test_acc_best`"]) == metrics["test_acc_best"], cells
+    for name in ("uni", "bi"):
+        cells = wait_for_cells(page, name, "attributes.`Models`")
         assert cells["attributes.`Models`"].split() == [f"birnn-mnist-{name}", "v1"], cells
     page.screenshot(path=ui["shots"] / "runs.png")
 

@@ -11,13 +11,10 @@ versions it compared get the alias of their preset (models:/birnn-mnist-bi@book)
 
 from __future__ import annotations
 
-import base64
 import json
 import logging
 import math
 import re
-import time
-import zlib
 
 import pandas as pd
 from omegaconf import DictConfig
@@ -33,12 +30,6 @@ from pipeline.tracking import runs, store
 log = logging.getLogger(__name__)
 
 REPORT_FOLDER = "table_19_12"  # reports/table_19_12/<dataset>/
-# A saved view of the experiment's runs table, with the columns of the comparison: in the UI's
-# "Views" menu, and opened by `make ui` (runs_page_url).
-VIEW_KEY = "table-19-12"
-VIEW_COLUMNS = ["attributes.`Models`", "metrics.`test_acc_best`", "metrics.`test_loss_best`",
-                "metrics.`test_acc_last`", "params.`param_count`", "params.`model.lr`",
-                "tags.`dataset`"]  # (the UI shows metrics, then params, then tags)
 
 
 def check_agreement(name: str, ours: dict, run, where: str) -> None:
@@ -136,33 +127,11 @@ def collect(cfg: DictConfig, client) -> dict:
             "dataset": first.data.tags.get("dataset", "?")}
 
 
-def save_view(client, experiment_id: str) -> None:
-    """(Re)write the saved view VIEW_KEY. MLflow 3.17's UI keeps a saved view as the experiment
-    tag mlflow.sharedViewState.<key>: JSON whose "state" is the runs page's state, deflated
-    and base64-encoded. An MLflow that does not know the tag ignores it."""
-    state = {"searchFilter": "", "orderByKey": "attributes.start_time", "orderByAsc": False,
-             "startTime": "ALL", "lifecycleFilter": "Active", "datasetsFilter": [],
-             "modelVersionFilter": "All Runs", "selectedColumns": VIEW_COLUMNS,
-             "columnOrder": [], "columnWidths": {}, "runsHiddenMode": "FIRST_10_RUNS",
-             "viewMaximized": False, "runListHidden": False, "isAccordionReordered": False,
-             "useGroupedValuesInCharts": True, "hideEmptyCharts": True, "groupBy": None,
-             "groupsExpanded": {}, "globalLineChartConfig": {
-                 "xAxisKey": "step", "lineSmoothness": 0, "selectedXAxisMetricKey": ""}}
-    now = int(time.time() * 1000)
-    packed = base64.b64encode(zlib.compress(json.dumps(state).encode())).decode()
-    client.set_experiment_tag(experiment_id, f"mlflow.sharedViewState.{VIEW_KEY}", json.dumps(
-        {"name": "table 19-12", "createdAt": now, "updatedAt": now, "state": f"deflate;{packed}"}))
-
-
 def runs_page_url(client, experiment: str, base: str = "http://127.0.0.1:5000") -> str:
     """The UI's page of the experiment's runs, in the model-training workflow (MLflow 3.17
-    opens an experiment on its GenAI pages unless told) and the saved view of the comparison
-    (written here if missing)."""
+    opens an experiment on its GenAI pages unless told)."""
     experiment_id = store.experiment_id(client, experiment)
-    if f"mlflow.sharedViewState.{VIEW_KEY}" not in client.get_experiment(experiment_id).tags:
-        save_view(client, experiment_id)
-    return (f"{base}/#/experiments/{experiment_id}/runs?workflowType=machine_learning"
-            f"&viewStateShareKey={VIEW_KEY}")
+    return f"{base}/#/experiments/{experiment_id}/runs?workflowType=machine_learning"
 
 
 def compare_task(cfg: DictConfig) -> None:
@@ -200,7 +169,6 @@ def compare_task(cfg: DictConfig) -> None:
             table, book, context, notes,
             figure_link=lambda f: f"get-artifact?path={f}&run_uuid={report_run_id}"))
         runs.adopt_children(client, report_run_id, [r.info.run_id for r in found_runs.values()])
-        save_view(client, client.get_run(report_run_id).info.experiment_id)
     log.info("wrote %s/report.md (report run %s)", target, report_run_id)
     print(table_19_12.table_markdown(table))
 

@@ -33,7 +33,6 @@ from pipeline import files, prepared_data, schema, scoring
 from pipeline.entrypoint import stage
 from pipeline.metric_names import CHECKPOINT_METRICS, CHECKPOINT_RENAMES, SUMMARY_METRICS
 from pipeline.paths import portable, project_path
-from pipeline.redaction import redact
 from pipeline.sweeps import job as sweep_job
 from pipeline.tracking import logged_model, metrics, runs, store
 
@@ -121,7 +120,7 @@ def save_model_files(folder, model: RNNClassifier, result: TrainResult, cfg: Dic
     model.save(folder / "best.npz")
     model.set_params(result.last_params)
     model.save(folder / "last.npz")
-    (folder / "config.yaml").write_text(portable(redact(OmegaConf.to_yaml(cfg, resolve=True))),
+    (folder / "config.yaml").write_text(portable(OmegaConf.to_yaml(cfg, resolve=True)),
                                         encoding="utf-8")
 
 
@@ -158,9 +157,9 @@ def self_test(client, run_id: str, cfg: DictConfig, model: RNNClassifier, result
 
 
 def rerun_command() -> str:
-    """This command as typed (credentials redacted): how to record a run that could not be."""
+    """This command as typed: how to record a run that could not be."""
     overrides = " ".join(shlex.quote(o) for o in HydraConfig.get().overrides.task)
-    return redact(f"python -m pipeline.stages.train {overrides}".strip())
+    return f"python -m pipeline.stages.train {overrides}".strip()
 
 
 def _record_failed_job(cfg: DictConfig, error: str) -> None:
@@ -263,7 +262,7 @@ def train_task(cfg: DictConfig) -> float:
         result = fit(cfg, inputs, lambda c: buffer.add(checkpoint_values(c), c.iteration))
         run_info = {"run_id": run_id, "run_name": run_name,
                     "experiment_id": client.get_run(run_id).info.experiment_id,
-                    "tracking_uri": portable(redact(client.tracking_uri)),
+                    "tracking_uri": portable(client.tracking_uri),
                     "tracking": "incomplete", "model": inputs.model.config,
                     "dataset": inputs.meta["dataset"],
                     "data_sha256": prepared_data.fingerprint(inputs.meta)}

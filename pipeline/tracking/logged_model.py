@@ -4,17 +4,20 @@ Input: a DataFrame of int columns ``pixel0`` .. ``pixel783``, the RAW pixels 0..
 28 x 28 image per row, row-major (:func:`images_frame` builds it); output: the predicted digit
 of every row (int64). The server takes ``{"dataframe_split": {"columns": [...], "data": [...]}}``
 and answers ``{"predictions": [7, 2, ...]}``. How it is stored and why (models from code,
-birnn shipped inside, no active run): docs/architecture.md, "Logged models".
+birnn shipped inside, logged inside its run): docs/architecture.md, "Logged models".
 """
 
 from __future__ import annotations
 
 import contextlib
+import io
 import logging
 import os
+import re
+import sys
 import time
 from collections.abc import Iterator, Mapping
-from importlib.metadata import version as _version
+from importlib.metadata import version as package_version
 from pathlib import Path
 from typing import Any
 
@@ -124,27 +127,23 @@ def model_signature() -> ModelSignature:
 
 def pip_requirements() -> list[str]:
     """The installed versions of what the model imports, pinned (birnn is shipped inside)."""
-    return [f"{package}=={_version(package)}" for package in REQUIREMENTS]
+    return [f"{package}=={package_version(package)}" for package in REQUIREMENTS]
 
 
 # ------------------------------------------------------------------------- tracking
 @contextlib.contextmanager
-def _quiet(registering: bool = False) -> Iterator[None]:
-    """No progress bars and no INFO chatter from MLflow on a stage's stderr, which is kept
-    for errors; registering also silences the registry's "Successfully registered" print
-    (the caller logs the version). MLflow's warnings still show, except while registering."""
-    from mlflow.utils.logging_utils import MLFLOW_LOGGING_STREAM
-
+def _quiet() -> Iterator[None]:
+    """No progress bars and no INFO chatter ("Validating input example against model
+    signature") from MLflow on a stage's stderr, which is kept for errors; its warnings still
+    show."""
     pyfunc_log = logging.getLogger("mlflow.pyfunc")
-    saved_level, saved_stream = pyfunc_log.level, MLFLOW_LOGGING_STREAM.enabled
+    saved_level = pyfunc_log.level
     saved_bar = os.environ.get("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR")
     os.environ["MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"] = "false"
-    pyfunc_log.setLevel(logging.WARNING)  # "Validating input example against model signature"
-    MLFLOW_LOGGING_STREAM.enabled = saved_stream and not registering
+    pyfunc_log.setLevel(logging.WARNING)
     try:
         yield
     finally:
-        MLFLOW_LOGGING_STREAM.enabled = saved_stream
         pyfunc_log.setLevel(saved_level)
         if saved_bar is None:
             os.environ.pop("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", None)
@@ -152,29 +151,47 @@ def _quiet(registering: bool = False) -> Iterator[None]:
             os.environ["MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"] = saved_bar
 
 
+# What mlflow.register_model prints to stderr on success; a stage's stderr is kept for errors
+# (the caller logs the version). Anything else it prints is passed on.
+_REGISTRY_CHATTER = re.compile(r"Successfully registered model |Registered model .* already "
+                               r"exists\. Creating a new version|Created version '")
+
+
 @contextlib.contextmanager
-def _global_tracking_uri(uri: str) -> Iterator[None]:
-    """MLflow's global tracking URI set to ``uri`` for the block and restored exactly after.
+def _without_registry_chatter() -> Iterator[None]:
+    captured = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(captured):
+            yield
+    finally:
+        kept = [line for line in captured.getvalue().splitlines(keepends=True)
+                if not _REGISTRY_CHATTER.match(line)]
+        sys.stderr.write("".join(kept))
 
-    ``mlflow.set_tracking_uri`` also writes $MLFLOW_TRACKING_URI, and MLflow's own
-    ``_use_tracking_uri`` would delete that variable on the way out if it had not been set
-    through MLflow, so the variable is saved and restored here. Not thread-safe."""
-    from mlflow.tracking._tracking_service import utils as tracking_utils
 
-    saved_setting = tracking_utils._tracking_uri
-    saved_env = os.environ.get("MLFLOW_TRACKING_URI")
-    if mlflow.get_tracking_uri() == uri:
-        yield
-        return
-    mlflow.set_tracking_uri(uri)
+def use_store_of(client) -> None:
+    """Make ``client``'s store MLflow's tracking URI for this process (``mlflow.set_tracking_uri``,
+    which also sets $MLFLOW_TRACKING_URI for child processes): MLflow's fluent API, which logs
+    and registers models, reads it. A stage works against one store, so the setting is left in
+    place; the URI holds no credentials (pipeline.credentials)."""
+    if mlflow.get_tracking_uri() != client.tracking_uri:
+        mlflow.set_tracking_uri(client.tracking_uri)
+
+
+@contextlib.contextmanager
+def _in_run(client, run_id: str) -> Iterator[None]:
+    """Run ``run_id`` as MLflow's active run for the block, then its status (and a finished
+    run's end time) as before. ``mlflow.start_run(run_id=...)`` resumes a run as RUNNING and
+    ``mlflow.end_run`` ends it: a training run must stay RUNNING until its stage ends it, and
+    a finished run (evaluate logs into training runs) keeps the status and end time it had."""
+    before = client.get_run(run_id).info
+    mlflow.start_run(run_id=run_id)
     try:
         yield
     finally:
-        mlflow.set_tracking_uri(saved_setting)
-        if saved_env is None:
-            os.environ.pop("MLFLOW_TRACKING_URI", None)
-        else:
-            os.environ["MLFLOW_TRACKING_URI"] = saved_env
+        mlflow.end_run(status=before.status)   # pops the active run; writes this status
+        if before.end_time is not None:
+            client.set_terminated(run_id, before.status, end_time=before.end_time)
 
 
 def log_model(client, run_id: str, model_file: str | Path, *, name: str = "model",
@@ -182,60 +199,48 @@ def log_model(client, run_id: str, model_file: str | Path, *, name: str = "model
               params: Mapping[str, Any] | None = None, tags: Mapping[str, Any] | None = None,
               step: int = 0, await_registration_for: int = 60):
     """Log the parameters in ``model_file`` (an .npz of ``RNNClassifier.save``) as an MLflow
-    Model of run ``run_id``, optionally registered as a new version of
-    ``registered_model_name``; return MLflow's ``ModelInfo`` (``model_id``, ``model_uri``
-    ``models:/<model_id>``, ``registered_model_version``).
+    Model of run ``run_id`` (``mlflow.pyfunc.log_model``, models from code: this file), optionally
+    registered as a new version of ``registered_model_name``; return MLflow's ``ModelInfo``
+    (``model_id``, ``model_uri`` ``models:/<model_id>``, ``registered_model_version``).
 
-    client: an ``MlflowClient`` (or the pipeline's wrapper of one): its ``tracking_uri`` is
-        the store written to. The run is neither resumed nor ended; its status is unchanged.
+    client: an ``MlflowClient`` (or the pipeline's wrapper of one): its store is written to,
+        and becomes MLflow's tracking URI (:func:`use_store_of`). The run's status is unchanged
+        (RUNNING stays RUNNING; a finished run keeps its status and end time).
     name: the LoggedModel's name, and the path of ``runs:/<run_id>/<name>``; give every
         model of one run its own name (say "best" and "last").
     input_example: a few images, (N, 28, 28) or (N, 784) raw pixels 0..255 or an
         :func:`images_frame`; stored with the model (the UI shows it; MLflow runs the
         model on it once while logging, and writes serving_input_example.json). The
         signature is logged either way (:func:`model_signature`).
-    params: LoggedModel params, on top of the run's params, which are copied (as
-        ``mlflow.pyfunc.log_model`` does) so the Models tab can show them.
+    params: LoggedModel params, on top of the run's params, which ``mlflow.pyfunc.log_model``
+        copies so the Models tab can show them.
     tags: LoggedModel tags, on top of ``birnn.kind`` and ``birnn.param_count``.
-    step: the run step the model is recorded at. As with ``mlflow.pyfunc.log_model``, the
-        run's metrics logged at this step are attached to the model too.
+    step: the run step the model is recorded at. The run's metrics logged at this step are
+        attached to the model too (MLflow does it).
     await_registration_for: seconds to wait for the new version to be READY (immediate with
         a database store).
     """
-    from mlflow.models import Model
-
     model_file = Path(model_file)
     classifier = load_model(model_file)                 # fails early on a bad file
-    run = client.get_run(run_id)
     example = None if input_example is None else images_frame(input_example)
     model_tags = {"birnn.kind": classifier.config["kind"],
                   "birnn.param_count": str(classifier.param_count()["total"]),
                   **{k: str(v) for k, v in (tags or {}).items()}}
-    logged = client.create_logged_model(
-        experiment_id=run.info.experiment_id, name=name, source_run_id=run_id,
-        params={**run.data.params, **{k: str(v) for k, v in (params or {}).items()}},
-        tags=model_tags, model_type="birnn")
-    try:
-        with _global_tracking_uri(client.tracking_uri), _quiet():
-            info = Model.log(
-                artifact_path=None, name=name, flavor=mlflow.pyfunc, run_id=run_id,
-                model_id=logged.model_id, step=step,
-                python_model=Path(__file__).resolve(),
-                artifacts={WEIGHTS_ARTIFACT: str(model_file.resolve())},
-                code_paths=[str(Path(birnn.__file__).resolve().parent)],
-                signature=model_signature(), input_example=example,
-                pip_requirements=pip_requirements(),
-                metadata={"birnn_config": dict(classifier.config),
-                          "param_count": classifier.param_count()["total"],
-                          "input": "DataFrame, int columns pixel0..pixel783: raw pixels 0..255 "
-                                   "of 28x28 images, row-major, one image per row",
-                          "output": "int64 predicted digit per row"})
-    except BaseException:
-        # Model.log marks the model FAILED itself once it got going; not before.
-        with contextlib.suppress(Exception):
-            if str(client.get_logged_model(logged.model_id).status) == "PENDING":
-                client.finalize_logged_model(logged.model_id, "FAILED")
-        raise
+    use_store_of(client)
+    with _in_run(client, run_id), _quiet():
+        info = mlflow.pyfunc.log_model(
+            name=name, python_model=str(Path(__file__).resolve()), step=step,
+            artifacts={WEIGHTS_ARTIFACT: str(model_file.resolve())},
+            code_paths=[str(Path(birnn.__file__).resolve().parent)],
+            signature=model_signature(), input_example=example,
+            pip_requirements=pip_requirements(),
+            params={k: str(v) for k, v in (params or {}).items()}, tags=model_tags,
+            model_type="birnn",
+            metadata={"birnn_config": dict(classifier.config),
+                      "param_count": classifier.param_count()["total"],
+                      "input": "DataFrame, int columns pixel0..pixel783: raw pixels 0..255 "
+                               "of 28x28 images, row-major, one image per row",
+                      "output": "int64 predicted digit per row"})
     if registered_model_name is not None:
         version = register_model(client, info.model_id, registered_model_name,
                                  await_registration_for=await_registration_for)
@@ -275,7 +280,8 @@ def register_model(client, model_id: str, name: str, await_registration_for: int
     """Register logged model ``model_id`` as a new version of registered model ``name``
     (created if needed); return the ``ModelVersion``. (What ``log_model`` does when given
     ``registered_model_name``, for a model chosen after logging, e.g. once tested.)"""
-    with _global_tracking_uri(client.tracking_uri), _quiet(registering=True):
+    use_store_of(client)
+    with _without_registry_chatter():
         return mlflow.register_model(f"models:/{model_id}", name,
                                      await_registration_for=await_registration_for)
 

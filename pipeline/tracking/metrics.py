@@ -7,7 +7,6 @@ import logging
 import time
 from typing import Mapping
 
-from pipeline.redaction import redact
 from pipeline.tracking.store import StoreUnavailable, describe_failure
 
 log = logging.getLogger(__name__)
@@ -68,7 +67,7 @@ class MetricBuffer:
             first = self.error is None
             self.gave_up = isinstance(exc, StoreUnavailable)
             self.error = (str(exc) if self.gave_up else f"tracking store "
-                          f"{redact(str(self.client.tracking_uri))}: {describe_failure(exc)}")
+                          f"{self.client.tracking_uri}: {describe_failure(exc)}")
             if first or self.gave_up:
                 log.warning("could not send %d metric values (%s); %s", len(self.pending),
                             self.error, "training goes on, nothing more is sent" if

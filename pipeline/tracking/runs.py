@@ -159,16 +159,31 @@ def log_data_inputs(client, run_id: str, source: str, fingerprint: str,
     """Record the data a run used as its MLflow inputs (the UI's Dataset column and lineage):
     ``datasets`` maps a context ('train', 'validation', 'test') to the dataset's name and
     number of rows, all read from ``source`` (a relative path) and identified by
-    :func:`dataset_digest` of ``fingerprint``."""
+    :func:`dataset_digest` of ``fingerprint``. Each is an ``mlflow.data`` meta dataset (the
+    data itself stays in its files), its row count as its profile."""
+    from mlflow.data.meta_dataset import MetaDataset
+    from mlflow.exceptions import MlflowException
+    from mlflow.data.sources import LocalArtifactDatasetSource
     from mlflow.entities import Dataset, DatasetInput, InputTag
+    from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
 
     digest = dataset_digest(fingerprint)
-    client.log_inputs(run_id, datasets=[
-        DatasetInput(Dataset(name=name, digest=digest, source_type="local",
-                             source=json.dumps({"uri": source}),
-                             profile=json.dumps({"num_rows": rows})),
-                     tags=[InputTag("mlflow.data.context", context)])
-        for context, (name, rows) in datasets.items()])
+    inputs = []
+    for context, (name, rows) in datasets.items():
+        described = MetaDataset(LocalArtifactDatasetSource(source), name=name, digest=digest)
+        inputs.append(DatasetInput(
+            Dataset(**described.to_dict(), profile=json.dumps({"num_rows": rows})),
+            tags=[InputTag(MLFLOW_DATASET_CONTEXT, context)]))
+    try:
+        client.log_inputs(run_id, datasets=inputs)
+    except MlflowException as exc:
+        # Parallel sweep jobs log the same dataset at once; MLflow's SQL store looks for it,
+        # then inserts it, so one insert can hit the other's row (PostgreSQL: "dataset_pk").
+        # The transaction was rolled back and the dataset now exists: once more links it.
+        text = str(exc)
+        if "dataset" not in text or not ("duplicate key" in text or "UNIQUE" in text):
+            raise
+        client.log_inputs(run_id, datasets=inputs)
 
 
 def read_run_info(model_dir: Path, dataset: str) -> dict:

@@ -5,20 +5,16 @@ Every run records the process that owns it (:func:`process_tags`: host, pid, and
 start time with the boot and pid namespace it belongs to, so that a reused pid or another
 container with the same host name is not mistaken for it). :func:`close_stale_runs` ends the
 RUNNING runs of this host whose process is gone; every stage does it when it connects to the
-store, and the command does it on demand:
-
-    python -m pipeline.tracking.stale_runs [--tracking-uri URI] [--dry-run]
+store, and a command does it on demand (pipeline.commands.close_stale_runs).
 
 Runs of other hosts, and runs whose process cannot be judged from here, are never touched.
 """
 
 from __future__ import annotations
 
-import argparse
 import logging
 import os
 import socket
-import sys
 from pathlib import Path
 
 log = logging.getLogger(__name__)
@@ -136,45 +132,3 @@ def close_stale_runs(client) -> list[str]:
         log.warning("run %s (%s) was left RUNNING by process %s, which is gone: ended KILLED",
                     run.info.run_id, run.info.run_name, run.data.tags.get(PID_TAG))
     return closed
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m pipeline.tracking.stale_runs",
-        description="End KILLED the runs that processes of this host left RUNNING when they "
-                    "died (kill -9, out of memory). Runs of live processes and of other hosts "
-                    "are not touched.")
-    parser.add_argument("--tracking-uri", default=None,
-                        help="the store (default: $MLFLOW_TRACKING_URI, else the project's "
-                             "mlflow.db)")
-    parser.add_argument("--dry-run", action="store_true", help="list them, change nothing")
-    args = parser.parse_args(argv)
-
-    from omegaconf import OmegaConf
-
-    from pipeline import redaction
-    from pipeline.errors import expected_errors, one_line
-    from pipeline.tracking import store
-
-    redaction.install()
-    logging.basicConfig(level=logging.WARNING, format="%(message)s")
-    tracking = OmegaConf.create({"uri": args.tracking_uri, "probe_timeout_seconds": 10})
-    try:
-        client = store.connect(tracking, close_stale=False)
-        stale = find_stale_runs(client)
-        for run in stale:
-            if not args.dry_run:
-                close(client, run)
-            print(f"{run.info.run_id} {run.info.run_name!r} (pid {run.data.tags.get(PID_TAG)})"
-                  f"{'' if args.dry_run else ': ended KILLED'}")
-    except expected_errors() as exc:
-        print(f"error: {one_line(exc)}", file=sys.stderr, flush=True)
-        return 1
-    verb = "would end" if args.dry_run else "ended"
-    print(f"{len(stale)} stale run(s) of host {socket.gethostname()} {verb} in "
-          f"{redaction.redact(client.tracking_uri)}")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,7 +1,6 @@
 """The MLflow tracking store: which one (URI), checking it answers before any work starts, and
-the client every stage uses (:class:`StoreClient`): it rides out SQLite's "database is locked",
-redacts credentials from what it records, and bounds how long a store that stopped answering
-can hold a stage (docs/architecture.md, "Tracking" and "Failure handling").
+the client every stage uses (:class:`StoreClient`): it rides out SQLite's "database is locked"
+and bounds how long a store that stopped answering can hold a stage (docs/architecture.md, "Tracking" and "Failure handling").
 """
 
 from __future__ import annotations
@@ -9,7 +8,6 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import functools
-import inspect
 import logging
 import os
 import random
@@ -23,7 +21,6 @@ from omegaconf import DictConfig
 from pipeline import interrupts
 from pipeline.errors import StageError
 from pipeline.paths import tracking_root
-from pipeline.redaction import redact
 from pipeline.tracking import stale_runs
 
 log = logging.getLogger(__name__)
@@ -86,7 +83,7 @@ class StoreUnavailable(StageError):
 def describe_failure(exc: BaseException) -> str:
     """What went wrong in a call to the store, short: MLflow's HTTP errors nest the URL, the
     retry state and the socket error; the socket error is what a user can act on."""
-    text = redact(" ".join(str(exc).split()))
+    text = " ".join(str(exc).split())
     for pattern, said in ((r"Connection refused", "connection refused"),
                           (r"[Rr]ead timed out|timeout exception", "no answer (timed out)"),
                           (r"Name or service not known|nodename nor servname|"
@@ -98,33 +95,12 @@ def describe_failure(exc: BaseException) -> str:
     return text[:200] or type(exc).__name__
 
 
-def _redact_recorded(value):
-    """A string, a mapping of strings, or a list of (key, value) entities (Param, RunTag, ...),
-    with credentials redacted; anything else as it is."""
-    if isinstance(value, str):
-        return redact(value)
-    if isinstance(value, dict):
-        return {key: redact(item) for key, item in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [type(item)(item.key, redact(item.value))
-                if isinstance(getattr(item, "value", None), str) and hasattr(item, "key")
-                else item for item in value]
-    return value
-
-
-# Arguments of MlflowClient methods whose text ends up in the store: tags, params, the value
-# of set_tag / log_param / set_experiment_tag, run names, log_text's text.
-_RECORDED = ("tags", "params", "value", "run_name", "name", "text")
-
-
 class StoreClient:
     """The ``MlflowClient`` of a stage. Every call:
 
     - is retried when the store says "database is locked": at most ``attempts`` tries, waiting
       ``first_wait`` seconds, doubling up to ``max_wait``, each wait jittered by +-50% so that
       two waiting processes do not collide again in step;
-    - records no credential: tags, params and run names are redacted on the way
-      (pipeline.redaction), whichever code made them;
     - against an HTTP store, uses MLflow's HTTP client with ``request_timeout`` seconds per
       attempt and one retry (MLflow's defaults: 120 s and 7 retries with growing waits, about
       8 minutes for one call to a server that went away); once calls have been failing for
@@ -153,18 +129,13 @@ class StoreClient:
         value = getattr(self._client, name)
         if not callable(value):
             return value
-        try:
-            signature = inspect.signature(value)
-        except (TypeError, ValueError):
-            signature = None
 
         @functools.wraps(value)
         def call(*args, **kwargs):
             if self.gone:
                 raise StoreUnavailable(
-                    f"tracking store {redact(str(self._client.tracking_uri))} stopped answering "
+                    f"tracking store {self._client.tracking_uri} stopped answering "
                     f"({self._last_error}, for {self._failing_for:.0f} s)")
-            args, kwargs = self._redacted(signature, args, kwargs)
             started = self._clock()
             try:
                 with interrupts.deferred(), self._http_limits():
@@ -174,26 +145,13 @@ class StoreClient:
                 self._last_error = describe_failure(exc)
                 if self.gone:
                     log.warning("tracking store %s: no answer for %.0f s, giving up on it: %s",
-                                redact(str(self._client.tracking_uri)), self._failing_for,
+                                self._client.tracking_uri, self._failing_for,
                                 self._last_error)
                 raise
             self._failing_for = 0.0
             return result
 
         return call
-
-    @staticmethod
-    def _redacted(signature, args, kwargs):
-        if signature is None:
-            return args, kwargs
-        try:
-            bound = signature.bind(*args, **kwargs)
-        except TypeError:  # let MLflow report the wrong call
-            return args, kwargs
-        for key in _RECORDED:
-            if bound.arguments.get(key) is not None:
-                bound.arguments[key] = _redact_recorded(bound.arguments[key])
-        return bound.args, bound.kwargs
 
     def _http_limits(self):
         uri = str(self._client.tracking_uri)
@@ -243,7 +201,8 @@ def connect(tracking: DictConfig, close_stale: bool = True) -> StoreClient:
     (``close_stale``) end the runs that dead processes of this host left RUNNING
     (pipeline.tracking.stale_runs).
 
-    Raises StageError (one line, naming the URI without its credentials) if it does not
+    Raises StageError (one line, naming the URI, which holds no credentials:
+    pipeline.credentials) if it does not
     answer within about ``tracking.probe_timeout_seconds``.
     """
     from mlflow.tracking import MlflowClient
@@ -265,9 +224,9 @@ def connect(tracking: DictConfig, close_stale: bool = True) -> StoreClient:
             client.search_experiments(max_results=1)
     except Exception as exc:  # any failure here means: cannot use this store
         reason = " ".join(str(exc).split())[:300] or type(exc).__name__
-        raise StageError(redact(f"tracking store {uri} is not usable "
-                                f"(after {time.monotonic() - started:.1f} s): {reason}")) from None
-    log.info("tracking store: %s", redact(uri))
+        raise StageError(f"tracking store {uri} is not usable "
+                         f"(after {time.monotonic() - started:.1f} s): {reason}") from None
+    log.info("tracking store: %s", uri)
     request_timeout = max(timeout, 10)
     if uri.startswith(("http://", "https://")):
         # The same limits for what goes past the client (MLflow's fluent API, which logs the
