@@ -1,5 +1,5 @@
 """The project modules a stage runs: its entry module's imports, followed transitively within
-birnn/ and pipeline/, plus the classes its Hydra config instantiates (``_target_``)."""
+birnn/, pipeline/ and study/, plus the classes its Hydra config instantiates (``_target_``)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import ast
 import re
 from pathlib import Path
 
-PACKAGES = ("birnn", "pipeline")
+PACKAGES = ("birnn", "pipeline", "study")
 
 
 def module_file(root: Path, name: str) -> Path | None:

@@ -1,5 +1,7 @@
-"""The package's imports: public API of its dependencies only (no ``_internal`` module, no
-underscored name of mlflow or hydra) and no import circle."""
+"""The code's imports: public API of its dependencies only (no ``_internal`` module, no
+underscored name of mlflow or hydra), no import circle, and the layering of the tree: the study
+builds on the package and never the reverse, only commands import the entry wrapper, and no
+stage imports another."""
 
 from __future__ import annotations
 
@@ -10,6 +12,7 @@ from import_closure import _imported_names, module_file
 from pipeline_testkit import ROOT
 
 PACKAGE = ROOT / "pipeline"
+CODE = [ROOT / "pipeline", ROOT / "study", ROOT / "birnn"]
 CHECKED = ("mlflow", "hydra", "omegaconf")
 
 
@@ -70,7 +73,8 @@ def test_the_private_name_search_finds_what_it_must():
 
 
 def test_the_package_uses_only_public_names_of_mlflow_and_hydra():
-    found = {str(path.relative_to(ROOT)): uses for path in sorted(PACKAGE.rglob("*.py"))
+    found = {str(path.relative_to(ROOT)): uses
+             for folder in CODE for path in sorted(folder.rglob("*.py"))
              if (uses := private_uses(path.read_text(encoding="utf-8")))}
     assert found == {}
 
@@ -81,11 +85,12 @@ def _module_name(path: Path) -> str:
 
 
 def import_graph() -> dict[str, set[str]]:
-    """pipeline module -> the pipeline modules it imports (at any depth of its code)."""
+    """Module of pipeline/, study/ or birnn/ -> the project modules it imports (at any depth
+    of its code)."""
     graph = {}
-    for path in sorted(PACKAGE.rglob("*.py")):
-        names = {name for name in _imported_names(path) if name.split(".")[0] == "pipeline"}
-        graph[_module_name(path)] = {_module_name(module_file(ROOT, name)) for name in names
+    for path in sorted(p for folder in CODE for p in folder.rglob("*.py")):
+        graph[_module_name(path)] = {_module_name(module_file(ROOT, name))
+                                     for name in _imported_names(path)
                                      if module_file(ROOT, name) is not None}
     return graph
 
@@ -118,4 +123,23 @@ def test_no_import_circle_in_the_package():
     graph = import_graph()
     assert "pipeline.tracking.stale_runs" in graph["pipeline.tracking.store"]  # (it sees them)
     assert cycles(graph) == []
+
+
+ENTRY_MODULES = ("pipeline.stages.", "pipeline.commands.", "study.findings")
+
+
+def test_the_layers_of_the_tree():
+    graph = import_graph()
+    assert "study.capacity" in graph["study.findings"]  # (it sees the study's imports)
+    # the study builds on the package; the package knows nothing of it
+    assert [m for m, imported in graph.items() if m.startswith(("pipeline", "birnn"))
+            and any(i.startswith("study") for i in imported)] == []
+    # only commands import the entry wrapper; a library module is callable without Hydra's app
+    assert sorted(m for m, imported in graph.items() if "pipeline.entrypoint" in imported
+                  and not m.startswith(ENTRY_MODULES)) == []
+    # no stage imports another stage
+    assert [(m, i) for m, imported in graph.items() if m.startswith("pipeline.stages.")
+            for i in imported if i.startswith("pipeline.stages.")] == []
+    # the expected errors are at the bottom: errors.py imports only birnn's error types
+    assert {i for i in graph["pipeline.errors"]} <= {"birnn", "birnn.data", "birnn.training"}
 
