@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import os
 import re
+from pathlib import Path
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -87,6 +88,33 @@ def _strings(value: Any, key: str = "") -> Iterable[tuple[str, str]]:
             yield from _strings(item, f"{key}[{index}]")
     elif isinstance(value, str):
         yield key, value
+
+
+def extra_config_dirs(argv: Iterable[str]) -> list[Path]:
+    """The folders given to Hydra with ``--config-dir``/``-cd`` on the command line."""
+    argv, found = list(argv), []
+    for index, argument in enumerate(argv):
+        if argument in ("--config-dir", "-cd") and index + 1 < len(argv):
+            found.append(Path(argv[index + 1]))
+        elif argument.startswith("--config-dir="):
+            found.append(Path(argument.split("=", 1)[1]))
+    return found
+
+
+def check_config_files(config_dirs: Iterable[Path]) -> None:
+    """Raise CredentialsInURI if a value in a YAML file of ``config_dirs`` holds a URI with
+    credentials: checked before Hydra composes them and copies the result to .hydra/."""
+    from omegaconf import OmegaConf
+
+    for path in sorted(p for folder in config_dirs for p in Path(folder).rglob("*.yaml")):
+        try:
+            values = OmegaConf.to_container(OmegaConf.load(path), resolve=False)
+        except Exception:  # a broken file: Hydra reports it when it composes
+            continue
+        for key, text in _strings(values):
+            what = found_in(text)
+            if what is not None:
+                raise refusal(f"config file {path} ({key})", what)
 
 
 def check_config(cfg) -> None:

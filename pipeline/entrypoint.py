@@ -161,6 +161,8 @@ def stage(config_name: str, on_job_failure: JobFailureHandler | None = None,
                 # Before Hydra writes anything (its output folder, .hydra/*.yaml, the log).
                 credentials.check_arguments(sys.argv[1:])
                 credentials.check_environment()
+                credentials.check_config_files(
+                    [config_dir, *credentials.extra_config_dirs(sys.argv[1:])])
                 check_hydra_dirs(sys.argv[1:])
                 return hydra_app()
 
