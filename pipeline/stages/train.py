@@ -204,7 +204,8 @@ def fit(cfg: DictConfig, inputs: Inputs, on_checkpoint) -> TrainResult:
                      on_checkpoint=on_checkpoint, log=log.info)
 
 
-def publish(cfg: DictConfig, inputs: Inputs, result: TrainResult, run_info: dict) -> Path:
+def publish(cfg: DictConfig, inputs: Inputs, result: TrainResult, summary: dict,
+            history: pd.DataFrame, run_info: dict) -> Path:
     """The training's outputs, before any tracking that follows, so that they are kept
     whatever the store does: the model folder whole, then its metrics files."""
     target = project_path(cfg.paths.models_dir) / cfg.name
@@ -212,19 +213,17 @@ def publish(cfg: DictConfig, inputs: Inputs, result: TrainResult, run_info: dict
     with files.publish_dir(target, "model") as staging:
         save_model_files(staging, inputs.model, result, cfg)
         files.write_json(staging / "run.json", run_info)
-    files.write_text(metrics_dir / f"history_{cfg.name}.csv",
-                     history_frame(result).to_csv(index=False))
-    files.write_json(metrics_dir / f"train_{cfg.name}.json",
-                     summarize(result, inputs.model.param_count()["total"]))
+    files.write_text(metrics_dir / f"history_{cfg.name}.csv", history.to_csv(index=False))
+    files.write_json(metrics_dir / f"train_{cfg.name}.json", summary)
     log.info("wrote %s and %s/train_%s.json", target, metrics_dir, cfg.name)
     return target
 
 
 def track(client, run_id: str, cfg: DictConfig, inputs: Inputs, result: TrainResult,
-          buffer: metrics.MetricBuffer, target: Path, run_info: dict) -> None:
+          summary: dict, history: pd.DataFrame, buffer: metrics.MetricBuffer, target: Path,
+          run_info: dict) -> None:
     """After publishing: the summary metrics, the logged (and, if configured, registered)
     model, the test results if configured, and the model folder as artifacts."""
-    summary = summarize(result, inputs.model.param_count()["total"])
     buffer.add({key: summary[key] for key in SUMMARY_METRICS}, step=0)
     buffer.finish()
     log.info("MLflow: %d metric values sent in %.2f s", buffer.values_sent, buffer.seconds_spent)
@@ -239,7 +238,7 @@ def track(client, run_id: str, cfg: DictConfig, inputs: Inputs, result: TrainRes
                          {cfg.name: entry})
     files.write_json(target / "run.json", {**run_info, **found, "tracking": "complete"})
     with tempfile.TemporaryDirectory() as folder:  # the committed copy is in metrics/
-        history_frame(result).to_csv(Path(folder) / "history.csv", index=False)
+        history.to_csv(Path(folder) / "history.csv", index=False)
         for path in [*sorted(target.iterdir()), Path(folder) / "history.csv"]:
             if not path.name.startswith("."):  # (the output folder's own marker)
                 client.log_artifact(run_id, str(path))
@@ -260,16 +259,19 @@ def train_task(cfg: DictConfig) -> float:
                           "validation": ("val", len(inputs.val_labels))})
         buffer = metrics.MetricBuffer(client, run_id, cfg.tracking.flush_every_seconds)
         result = fit(cfg, inputs, lambda c: buffer.add(checkpoint_values(c), c.iteration))
+        summary = summarize(result, inputs.model.param_count()["total"])
+        history = history_frame(result)
         run_info = {"run_id": run_id, "run_name": run_name,
                     "experiment_id": client.get_run(run_id).info.experiment_id,
                     "tracking_uri": portable(client.tracking_uri),
                     "tracking": "incomplete", "model": inputs.model.config,
                     "dataset": inputs.meta["dataset"],
                     "data_sha256": prepared_data.fingerprint(inputs.meta)}
-        target = publish(cfg, inputs, result, run_info)
+        target = publish(cfg, inputs, result, summary, history, run_info)
         with runs.completing(run_id, f"the model is saved in {target} (run.json: tracking "
                              "incomplete)", rerun_command()):
-            track(client, run_id, cfg, inputs, result, buffer, target, run_info)
+            track(client, run_id, cfg, inputs, result, summary, history, buffer, target,
+                  run_info)
     return float(result.best.val_loss)
 
 
