@@ -6,7 +6,7 @@ export PATH := $(abspath $(BIN)):$(PATH)
 # A sweep directory (and so a sweep id) is used once: stamp it.
 SWEEP_STAMP := $(shell date +%Y%m%d-%H%M%S)
 
-.PHONY: setup reproduce sweep findings test test-slow test-ui test-ray benchmark ui lock
+.PHONY: setup reproduce sweep findings test test-slow test-ui test-ray test-slurm benchmark ui lock
 
 # Exact versions, from lock files: requirements/setup.txt is what the pipeline needs
 # (pyproject.toml's dependencies); test.txt adds the `test` extra (pytest and the server,
@@ -62,10 +62,13 @@ test-slow: $(VENV)/.installed-test   ## the long checks: the full book configura
 test-ui: $(VENV)/.installed-ui   ## the MLflow UI in headless Chromium (apt-get install chromium), a few minutes
 	python -m pytest -m ui
 
-test-ray:                 ## the Ray launcher test, in its own virtualenv (.venv-ray, about 1.3 GB)
+test-ray:                 ## the Ray launcher tests (needs postgresql), in their own virtualenv (.venv-ray, about 1.3 GB)
 	python3 -m venv .venv-ray
 	.venv-ray/bin/python -m pip install --quiet -e ".[test]" hydra-ray-launcher
 	.venv-ray/bin/python -m pytest -m ray
+
+test-slurm: $(VENV)/.installed-test   ## sweeps on a throwaway one-node Slurm, about 4 min (root; apt-get install slurmctld slurmd munge postgresql)
+	python -m pytest -m slurm
 
 benchmark: setup          ## seconds per epoch and peak memory, as JSON
 	python benchmarks/epoch.py

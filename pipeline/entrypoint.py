@@ -110,9 +110,19 @@ def check_outputs(config_name: str, cfg: DictConfig) -> None:
 
 
 @contextlib.contextmanager
-def _job_failure_recorded(cfg: DictConfig, on_job_failure: JobFailureHandler) -> Iterator[None]:
+def _job_failure_recorded(cfg: DictConfig, on_job_failure: JobFailureHandler,
+                          slurm_job: bool = False) -> Iterator[None]:
     try:
         yield
+    except interrupts.Terminated as exc:
+        if not slurm_job:
+            raise
+        # Slurm stopped this job (scancel, its time limit): its run ended KILLED. The job
+        # returns, as a failed one does, so that submitit records a result and the sweep's
+        # process, waiting for every job, carries on with the others.
+        print(f"error: job {HydraConfig.get().job.num}: {exc}, sent by Slurm (scancel or the "
+              "time limit): its run, if it had started, ended KILLED", file=sys.stderr,
+              flush=True)
     except Exception as exc:
         expected = is_expected(exc)
         error = one_line(exc) if expected else f"{type(exc).__name__}: {one_line(exc)}"
@@ -140,8 +150,11 @@ def stage(config_name: str, on_job_failure: JobFailureHandler | None = None,
             with _reported():  # before a sweep job's failure is recorded in that very store
                 credentials.check_config(cfg)
             in_sweep = HydraConfig.get().mode == RunMode.MULTIRUN
+            slurm_job = in_sweep and interrupts.in_slurm_job()
+            if slurm_job:  # after submitit's own handlers, which ignore SIGTERM
+                interrupts.install_slurm_job_handlers()
             if in_sweep and on_job_failure is not None:
-                with _job_failure_recorded(cfg, on_job_failure):
+                with _job_failure_recorded(cfg, on_job_failure, slurm_job):
                     schema.validate(cfg)
                     check_outputs(config_name, cfg)
                     return task(cfg)

@@ -11,6 +11,7 @@ is: every ``except KeyboardInterrupt`` that ends a run KILLED handles them as it
 from __future__ import annotations
 
 import contextlib
+import os
 import signal
 import sys
 import threading
@@ -80,6 +81,40 @@ def install_signal_handlers() -> None:
             signal.signal(signum, _raise_terminated)
     if signal.getsignal(signal.SIGINT) is signal.default_int_handler:  # Ctrl-C: deferrable too
         signal.signal(signal.SIGINT, _raise_terminated)
+
+
+def in_slurm_job() -> bool:
+    """Whether this process is a sweep job that submitit runs on Slurm (hydra/launcher=slurm)."""
+    return os.environ.get("SUBMITIT_EXECUTOR") == "slurm" and "SLURM_JOB_ID" in os.environ
+
+
+def install_slurm_job_handlers() -> None:
+    """In a Slurm job, replace the handlers submitit installed before the task: it only logs
+    SIGTERM (what ``scancel`` and the time limit send, SIGKILL following after the cluster's
+    KillWait), and answers its time-limit warning (SIGUSR2, sbatch ``--signal=USR2@<
+    signal_delay_s>``) by requeuing or failing the job, which this project never requeues.
+    Here SIGTERM and SIGHUP raise :class:`Terminated` once (Slurm may deliver SIGTERM twice, to
+    the step and through srun; the second would interrupt the clean-up), and the warning is
+    noted in the job's log while the job runs on to its limit."""
+    if threading.current_thread() is not threading.main_thread():
+        return
+
+    def terminate_once(signum: int, frame) -> None:
+        for handled in HANDLED_SIGNALS:
+            signal.signal(handled, signal.SIG_IGN)
+        _raise_terminated(signum, frame)
+
+    for signum in HANDLED_SIGNALS:
+        signal.signal(signum, terminate_once)
+    warning = getattr(signal, "SIG" + os.environ.get("SUBMITIT_PREEMPT_SIGNAL", "USR2"))
+    signal.signal(warning, _note_time_limit_warning)
+
+
+def _note_time_limit_warning(signum: int, frame) -> None:
+    # os.write, not print: a handler that prints while the main thread is printing fails with
+    # "reentrant call" in the middle of the training.
+    os.write(2, f"warning: {signal.Signals(signum).name} from Slurm: the time limit is near; "
+                "the run ends KILLED when it is reached\n".encode())
 
 
 def is_lost_worker(exc: BaseException) -> bool:

@@ -45,9 +45,9 @@ def store(tmp_path) -> str:
 
 def sweep(launcher: str, prepared_dir: Path, store: str, tmp_path: Path, *extra: str,
           timeout: float = 240, **env: str):
+    # No paths.models_dir/metrics_dir: a sweep job writes only under its own folder.
     return stage("train", "-m", f"hydra/launcher={launcher}", "model=uni,bi", *TINY,
-                 f"paths.prepared_dir={prepared_dir}", f"paths.models_dir={tmp_path / 'models'}",
-                 f"paths.metrics_dir={tmp_path / 'metrics'}", f"tracking.uri={store}",
+                 f"paths.prepared_dir={prepared_dir}", f"tracking.uri={store}",
                  f"hydra.sweep.dir={tmp_path / 'multirun'}", *extra, timeout=timeout, **env)
 
 
