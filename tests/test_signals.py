@@ -34,10 +34,12 @@ def start(tmp_path: Path, prepared_dir: Path, *overrides: str,
     default disposition of SIGHUP and SIGTERM (or what ``preexec_fn`` sets)."""
     flags = [o for o in overrides if o.startswith("-")]  # (before the overrides: argparse)
     overrides = tuple(o for o in overrides if not o.startswith("-"))
+    # A sweep's jobs write under their own folders (and refuse paths.models_dir elsewhere).
+    outputs = () if "-m" in flags else (f"paths.models_dir={tmp_path / 'models'}",
+                                        f"paths.metrics_dir={tmp_path / 'metrics'}")
     command = [sys.executable, "-m", "pipeline.stages.train", *flags, *LONG,
                f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}",
-               f"paths.prepared_dir={prepared_dir}", f"paths.models_dir={tmp_path / 'models'}",
-               f"paths.metrics_dir={tmp_path / 'metrics'}", *overrides]
+               f"paths.prepared_dir={prepared_dir}", *outputs, *overrides]
     return subprocess.Popen(command, cwd=tmp_path, env=clean_env(), stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE, text=True, start_new_session=True,
                             preexec_fn=preexec_fn or default_stop_signals)
