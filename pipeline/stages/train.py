@@ -251,6 +251,9 @@ def train_task(cfg: DictConfig) -> float:
     run_name, tags = sweep_job.run_identity(client, cfg.name, run_tags(cfg, inputs.meta))
     with runs.new_run(client, cfg.tracking.experiment_name, run_name, tags,
                       script=__file__) as run_id:
+        # Everything run.json needs from the store, asked before training: a store that goes
+        # away during it must cost no training (the outputs are published first).
+        experiment_id = client.get_run(run_id).info.experiment_id
         runs.log_params(client, run_id, run_params(cfg, inputs.model.param_count(),
                                                    len(inputs.train_labels),
                                                    len(inputs.val_labels)))
@@ -262,7 +265,7 @@ def train_task(cfg: DictConfig) -> float:
         summary = summarize(result, inputs.model.param_count()["total"])
         history = history_frame(result)
         run_info = {"run_id": run_id, "run_name": run_name,
-                    "experiment_id": client.get_run(run_id).info.experiment_id,
+                    "experiment_id": experiment_id,
                     "tracking_uri": portable(client.tracking_uri),
                     "tracking": "incomplete", "model": inputs.model.config,
                     "dataset": inputs.meta["dataset"],
