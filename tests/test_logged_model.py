@@ -69,7 +69,10 @@ def store(tmp_path_factory):
 def use_store(store, monkeypatch):
     """The store as MLflow's default (for loading models:/ and runs:/ URIs)."""
     monkeypatch.setenv("MLFLOW_TRACKING_URI", store[0].tracking_uri)
-    return store
+    saved = mlflow.get_tracking_uri()
+    mlflow.set_tracking_uri(store[0].tracking_uri)
+    yield store
+    mlflow.set_tracking_uri(saved)
 
 
 def new_run(store, name: str = "uni") -> str:
@@ -129,9 +132,10 @@ def test_signature_example_requirements_and_run_left_alone(store, tmp_path, monk
     info = logged_model.log_model(client, run_id, path, name="best", input_example=images(3),
                                   tags={"rule": "best"})
 
-    # The client's store became MLflow's tracking URI, as documented (and for child processes).
-    assert mlflow.get_tracking_uri() == client.tracking_uri
-    assert os.environ["MLFLOW_TRACKING_URI"] == client.tracking_uri
+    # The client's store was written to, and the process's tracking URI is as it was (a
+    # second task in the same process must not inherit this store).
+    assert mlflow.get_tracking_uri() == elsewhere
+    assert os.environ["MLFLOW_TRACKING_URI"] == elsewhere
     assert not (tmp_path / "not-this-one.db").exists()
     assert mlflow.active_run() is None
     run = client.get_run(run_id)

@@ -51,9 +51,7 @@ def test_parallel_sweep_lands_in_postgresql_through_the_server(server, prepared_
     result = stage("train", "-m", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2",
                    "tracking=server", "model=uni,bi", *TINY,
                    f"tracking.experiment_name={EXPERIMENT}",
-                   f"paths.prepared_dir={prepared_dir}", f"paths.models_dir={tmp_path / 'models'}",
-                   f"paths.metrics_dir={tmp_path / 'metrics'}",
-                   f"hydra.sweep.dir={tmp_path / 'multirun'}",
+                   f"paths.prepared_dir={prepared_dir}", f"hydra.sweep.dir={tmp_path / 'multirun'}",
                    timeout=180, MLFLOW_TRACKING_URI=server.uri)  # tracking=server reads this
     assert result.returncode == 0, result.stderr[-3000:]
     elapsed = time.monotonic() - started

@@ -169,13 +169,22 @@ def _without_registry_chatter() -> Iterator[None]:
         sys.stderr.write("".join(kept))
 
 
-def use_store_of(client) -> None:
-    """Make ``client``'s store MLflow's tracking URI for this process (``mlflow.set_tracking_uri``,
-    which also sets $MLFLOW_TRACKING_URI for child processes): MLflow's fluent API, which logs
-    and registers models, reads it. A stage works against one store, so the setting is left in
-    place; the URI holds no credentials (pipeline.credentials)."""
-    if mlflow.get_tracking_uri() != client.tracking_uri:
-        mlflow.set_tracking_uri(client.tracking_uri)
+@contextlib.contextmanager
+def store_of(client) -> Iterator[None]:
+    """``client``'s store as MLflow's tracking URI for the block: MLflow's fluent API, which
+    logs and registers models, reads it. ``mlflow.set_tracking_uri`` also sets
+    $MLFLOW_TRACKING_URI, which the pipeline reads for its default store, so both are put back
+    after (a second task in the same process, a notebook's, must not inherit this store)."""
+    saved_uri, saved_env = mlflow.get_tracking_uri(), os.environ.get("MLFLOW_TRACKING_URI")
+    mlflow.set_tracking_uri(client.tracking_uri)
+    try:
+        yield
+    finally:
+        mlflow.set_tracking_uri(saved_uri)
+        if saved_env is None:
+            os.environ.pop("MLFLOW_TRACKING_URI", None)
+        else:
+            os.environ["MLFLOW_TRACKING_URI"] = saved_env
 
 
 @contextlib.contextmanager
@@ -204,7 +213,7 @@ def log_model(client, run_id: str, model_file: str | Path, *, name: str = "model
     (``model_id``, ``model_uri`` ``models:/<model_id>``, ``registered_model_version``).
 
     client: an ``MlflowClient`` (or the pipeline's wrapper of one): its store is written to,
-        and becomes MLflow's tracking URI (:func:`use_store_of`). The run's status is unchanged
+        and is MLflow's tracking URI while logging (:func:`store_of`). The run's status is unchanged
         (RUNNING stays RUNNING; a finished run keeps its status and end time).
     name: the LoggedModel's name, and the path of ``runs:/<run_id>/<name>``; give every
         model of one run its own name (say "best" and "last").
@@ -226,8 +235,7 @@ def log_model(client, run_id: str, model_file: str | Path, *, name: str = "model
     model_tags = {"birnn.kind": classifier.config["kind"],
                   "birnn.param_count": str(classifier.param_count()["total"]),
                   **{k: str(v) for k, v in (tags or {}).items()}}
-    use_store_of(client)
-    with _in_run(client, run_id), _quiet():
+    with store_of(client), _in_run(client, run_id), _quiet():
         info = mlflow.pyfunc.log_model(
             name=name, python_model=str(Path(__file__).resolve()), step=step,
             artifacts={WEIGHTS_ARTIFACT: str(model_file.resolve())},
@@ -280,8 +288,7 @@ def register_model(client, model_id: str, name: str, await_registration_for: int
     """Register logged model ``model_id`` as a new version of registered model ``name``
     (created if needed); return the ``ModelVersion``. (What ``log_model`` does when given
     ``registered_model_name``, for a model chosen after logging, e.g. once tested.)"""
-    use_store_of(client)
-    with _without_registry_chatter():
+    with store_of(client), _without_registry_chatter():
         return mlflow.register_model(f"models:/{model_id}", name,
                                      await_registration_for=await_registration_for)
 
