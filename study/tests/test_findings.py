@@ -21,6 +21,7 @@ def seeds(tmp_path_factory, prepared_dir) -> dict:
     return {**store, "id": sweep_id}
 
 
+@pytest.mark.slow  # a sweep of its own (~30 s of CPU); the page's pieces are tested fast
 def test_findings_page_answers_from_the_sweeps_runs(seeds):
     # The seeds sweep (uni and bi, hidden 32 and 20 per chain) stands in for every question:
     # the claim, and accuracy against size (one size per family: bi's 2170 parameters lie
