@@ -129,11 +129,12 @@ def test_a_password_in_the_environment_is_recorded_nowhere(prepared_dir, tmp_pat
             basic_auth_proxy(server, "birnn", password) as proxy:
         auth = {"MLFLOW_TRACKING_USERNAME": "birnn", "MLFLOW_TRACKING_PASSWORD": password}
         common = (f"tracking.uri={proxy.url}", "tracking.experiment_name=secrets",
-                  f"paths.prepared_dir={prepared_dir}", f"paths.models_dir={work / 'models'}",
-                  f"paths.metrics_dir={work / 'metrics'}", *TINY)
-        unauthenticated = stage("train", *common, cwd=work, timeout=120)
+                  f"paths.prepared_dir={prepared_dir}", *TINY)
+        # A sweep's jobs write only under their own folders; the single training gets its own.
+        outputs = (f"paths.models_dir={work / 'models'}", f"paths.metrics_dir={work / 'metrics'}")
+        unauthenticated = stage("train", *common, *outputs, cwd=work, timeout=120)
         assert unauthenticated.returncode == 1 and proxy.refused   # the gate is real
-        single = stage("train", *common, cwd=work, timeout=300, **auth)
+        single = stage("train", *common, *outputs, cwd=work, timeout=300, **auth)
         sweep = stage("train", "-m", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2",
                       "model=uni,bi", f"hydra.sweep.dir={work / 'multirun' / 'secrets'}",
                       *common, cwd=work, timeout=300, **auth)
