@@ -154,9 +154,15 @@ def page(context: dict, summary: pd.DataFrame, diffs: pd.DataFrame, jobs: pd.Dat
     presets = sorted({sw["preset"] for sw in sweeps})
     warning = formatting.reference_warnings(presets, context["dataset"])
     level = f"{100 * context['confidence']:g}%"
-    verdicts = ("\n".join(f"- {verdict(pair)}" for _, pair in diffs.iterrows()) if len(diffs)
-                else "No pair of a bi and a uni configuration has two or more finished seeds "
-                     "each: an interval needs at least two.")
+    kinds = set(summary["kind"])
+    if len(diffs):
+        verdicts = "\n".join(f"- {verdict(pair)}" for _, pair in diffs.iterrows())
+    elif len(kinds) == 1:
+        verdicts = (f"This report has finished runs of {kinds.pop()} only: to compare, report "
+                    "it together with a sweep of the other model (`sweep=[<uni>,<bi>]`).")
+    else:
+        verdicts = ("No pair of a bi and a uni configuration has two or more finished seeds "
+                    "each: an interval needs at least two.")
     several = len(sweeps) > 1
 
     def which(sweep_id: str, before: str = "", after: str = "") -> str:
