@@ -110,6 +110,16 @@ def test_the_bi_lr_preset_searches_the_schedule_of_the_books_bi_net(compose_cfg)
     schema.validate(compose_cfg("hparams_search=bi_lr", "model.lr_decay_every=0.1"))
 
 
+def test_the_uni_lr_preset_gives_uni_the_same_search_as_bi(compose_cfg):
+    # Tuned against tuned compares like with like: same space, trials, epochs, sampler seed.
+    uni, bi = (compose_cfg(f"hparams_search={name}", hydra=True) for name in ("uni_lr", "bi_lr"))
+    assert uni.model.kind == "uni" and uni.model.hidden_size == 32
+    assert uni.train == bi.train
+    differ = {"study_name"}
+    assert {k: v for k, v in uni.hydra.sweeper.items() if k not in differ} == \
+        {k: v for k, v in bi.hydra.sweeper.items() if k not in differ}
+
+
 def test_a_grid_sweep_still_counts_its_jobs(compose_cfg):
     hydra = compose_cfg("model=uni", hydra=True).hydra  # Hydra's basic sweeper
     hydra = OmegaConf.merge(hydra, {"overrides": {"task": ["model=uni,bi", "train.seed=range(0,3)"]}})
