@@ -122,14 +122,15 @@ def _duration(seconds: float) -> str:
 
 
 def progress_line(c: Checkpoint, epochs: int, total_iterations: int, elapsed: float) -> str:
-    """The book's fields ("epoch:iteration:lr loss=<val loss>, acc=<val acc>", 0-based), then
-    where the checkpoint is in the whole run and an estimate of the time left."""
+    """The book's fields ("epoch:iteration:lr loss=<val loss>, acc=<val acc>": 0-based
+    indices, as everywhere else: histories, metrics, reports), then how much of the run is
+    done (a count of iterations, not a second index) and an estimate of the time left."""
     done = c.iteration + 1
     left = elapsed / done * (total_iterations - done)
     return (f"{c.epoch}:{c.iteration}:{c.lr:.6f} loss={c.val_loss:.6f}, acc={c.val_acc:.6f} "
             f"(train batch loss={c.train_loss:.6f}, acc={c.train_acc:.6f}) | "
-            f"epoch {c.epoch + 1}/{epochs}, iteration {done:,}/{total_iterations:,}, "
-            f"{_duration(elapsed)} elapsed, about {_duration(left)} left")
+            f"{done:,} of {total_iterations:,} iterations done ({done / total_iterations:.0%}"
+            f" of {epochs} epochs), {_duration(elapsed)} elapsed, about {_duration(left)} left")
 
 
 def train(model: RNNClassifier, train_x: np.ndarray, train_y: np.ndarray,

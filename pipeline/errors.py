@@ -71,15 +71,34 @@ def _launcher_hint(text: str) -> str:
             "here: see the README, 'Sweeps past one machine')") if package else ""
 
 
+# Config errors whose cause a user would not guess from Hydra's or OmegaConf's words: the
+# pattern, and the line that replaces the message ({0}: the pattern's group).
+CONFIG_HINTS = (
+    (r"Could not override 'data'\.\s+No match in the defaults list\..*?\+data=(\S+)",
+     "config error: data={0}: this stage takes the dataset as dataset={0} (data= is the "
+     "prepare stage's)"),
+    (r"Environment variable '(MLFLOW_TRACKING_URI)' not found",
+     "config error: tracking.uri: tracking=server needs the server's address: export "
+     "{0}=http://<host>:<port> or add tracking.uri=http://<host>:<port>"),
+)
+
+
+def _hinted(text: str) -> str:
+    for pattern, line in CONFIG_HINTS:
+        found = re.search(pattern, text, re.S)
+        if found:
+            return line.format(*found.groups())
+    return text + _launcher_hint(text)
+
+
 def one_line(exc: BaseException) -> str:
     """Describe an error in one line; OmegaConf errors are given as '<full key>: <reason>'."""
     cause = exc.__cause__ if isinstance(exc.__cause__, OmegaConfBaseException) else exc
     if isinstance(cause, OmegaConfBaseException) and getattr(cause, "full_key", None):
         # (the message's own 'full_key: ... object_type=...' trailer repeats the key)
-        text = f"config error: {cause.full_key}: {cause.msg.split('full_key:')[0]}"
+        text = _hinted(f"config error: {cause.full_key}: {cause.msg.split('full_key:')[0]}")
     elif isinstance(exc, (ConfigError, HydraException, OmegaConfBaseException)):
-        text = f"config error: {str(exc).split('Config search path')[0]}"
-        text += _launcher_hint(text)
+        text = _hinted(f"config error: {str(exc).split('Config search path')[0]}")
     elif isinstance(exc, OSError) and exc.strerror:
         names = [str(name) for name in (exc.filename, exc.filename2) if name is not None]
         text = ": ".join([*names, exc.strerror])

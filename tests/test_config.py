@@ -159,9 +159,32 @@ def test_unknown_group_option_is_named(compose_cfg):
     (["model.hiden_size=8"], "error: config error: model.hiden_size: "),
     (["+model.hiden_size=8"], "error: config error: model.hiden_size: no such key"),
     (["model.lr=inf"], "error: config error: model.lr: must be a finite number > 0, got inf"),
+    (["data=fashion_mnist"], "error: config error: data=fashion_mnist: this stage takes the "
+                             "dataset as dataset=fashion_mnist (data= is the prepare stage's)"),
+    (["tracking=server"], "error: config error: tracking.uri: tracking=server needs the "
+                          "server's address: export MLFLOW_TRACKING_URI=http://<host>:<port>"),
 ])
 def test_entry_point_reports_bad_config_in_one_line(overrides, start):
     result = stage("train", *overrides, timeout=60)
     assert result.returncode == 1
     lines = error_lines(result)
     assert len(lines) == 1 and lines[0].startswith(start), result.stderr
+
+
+@pytest.mark.parametrize("name", STAGES)
+def test_help_lists_the_groups_a_user_sets_and_their_options(name):
+    result = stage("commands.sweep_report" if name == "sweep_report" else name, "--help",
+                   timeout=60)
+    assert result.returncode == 0, result.stderr
+    listed = result.stdout.split("== Groups ==\n")[1].split("\n\n")[0].splitlines()
+    groups = {line.split(":")[0]: line.split(": ")[1].split(" (")[0].split(", ")
+              for line in listed if not line.startswith("The dataset")}
+    # exactly the groups in the stage's defaults list (not the schema, not another stage's)
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(version_base="1.3", config_dir=str(CONF_DIR)):
+        choices = compose(name, return_hydra_config=True).hydra.runtime.choices
+    GlobalHydra.instance().clear()
+    assert set(groups) == {g for g in choices if not g.startswith("hydra/")}
+    for group, options in groups.items():
+        assert options == sorted(p.stem for p in (CONF_DIR / group).glob("*.yaml")), group
+    assert "schema" not in result.stdout.split("== Config")[0]

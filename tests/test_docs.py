@@ -5,6 +5,7 @@ its headings). Reads files only: no network, no subprocess."""
 from __future__ import annotations
 
 import re
+import subprocess
 from pathlib import Path
 from urllib.parse import unquote
 
@@ -74,3 +75,18 @@ def test_the_link_checker_finds_links(tmp_path: Path):
                     "`[d](not-a-link.md)`\n```\n[e](nor-this.md)\n```\n[f](#a-title-here)\n")
     assert links(page) == ["x.md", "img/y.png", "https://e.org", "#a-title-here"]
     assert anchors(page) == {"a-title-here"}
+
+
+@pytest.mark.parametrize("installed, commands", [
+    ("", ["dvc repro compare@mnist", "sudo apt-get install dataset-fashion-mnist && make reproduce"]),
+    ("/usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz", ["dvc repro"]),
+])
+def test_make_reproduce_without_fashion_mnist_makes_mnists_table(installed, commands):
+    # The front door's first command exits 0 on a machine without Debian's package, and its
+    # last line says how to add Fashion-MNIST (make -n: what it would run).
+    result = subprocess.run(["make", "-n", "-o", ".venv/.installed", "reproduce",
+                             f"FASHION_MNIST={installed}"], cwd=ROOT, capture_output=True,
+                            text=True, check=True)
+    lines = [line for line in result.stdout.splitlines() if line.strip()]
+    assert lines[0] == commands[0]
+    assert commands[-1] in lines[-1]

@@ -3,12 +3,17 @@
 from __future__ import annotations
 
 import hashlib
+import os
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
 
 from pipeline import files
+from pipeline_testkit import ROOT
 
 
 def test_save_npz_gives_the_same_bytes_for_the_same_arrays(tmp_path):
@@ -39,3 +44,23 @@ def test_publish_dir_replaces_the_folder_whole_or_not_at_all(tmp_path):
 def test_write_text_leaves_no_temporary_file(tmp_path):
     files.write_json(tmp_path / "m.json", {"a": 1})
     assert [p.name for p in tmp_path.iterdir()] == ["m.json"]
+
+
+def test_a_green_test_run_leaves_no_temporary_folder(tmp_path):
+    # The project's pytest settings (pyproject.toml) on a one-test session: its tmp_path is
+    # gone once the session passed.
+    (tmp_path / "test_one.py").write_text(
+        "import os\n"
+        "def test_writes(tmp_path):\n"
+        "    (tmp_path / 'big').write_bytes(b'0' * 1000)\n"
+        "    open(os.environ['WHERE'], 'w').write(str(tmp_path))\n")
+    where = tmp_path / "where.txt"
+    result = subprocess.run(
+        [sys.executable, "-m", "pytest", "-c", str(ROOT / "pyproject.toml"), "--rootdir",
+         str(tmp_path), "-p", "no:xdist", "-p", "no:cacheprovider", "-o", "addopts=",
+         str(tmp_path / "test_one.py")],
+        cwd=tmp_path, capture_output=True, text=True, timeout=120,
+        env={**os.environ, "WHERE": str(where)})
+    assert result.returncode == 0, result.stdout[-2000:]
+    used = Path(where.read_text())
+    assert not used.exists() and not used.parent.exists()  # the session's basetemp too

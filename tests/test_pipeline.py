@@ -428,7 +428,24 @@ def test_registered_versions_carry_the_presets_alias(quick):
         with pytest.raises(MlflowException):  # a quick model is no book model
             client.get_model_version_by_alias(f"birnn-mnist-{name}", "book")
     page = (quick["project"] / "reports" / "table_19_12" / "mnist" / "report.md").read_text()
-    assert "`models:/birnn-mnist-bi@quick` (version 1)" in page
+    assert "`models:/birnn-mnist-bi@quick`" in page
+
+
+def test_committed_outputs_hold_nothing_that_changes_on_a_rerun(quick):
+    # Run ids, training times and registry versions live in MLflow: a rerun with the same
+    # numbers leaves the committed report and metrics unchanged.
+    client, project = quick["client"], quick["project"]
+    page = (project / "reports" / "table_19_12" / "mnist" / "report.md").read_text()
+    report_run = client.get_run(training_run(quick, "uni").data.tags["mlflow.parentRunId"])
+    for name in ("uni", "bi"):
+        run = training_run(quick, name)
+        assert run.info.run_id not in page and "train_seconds" in run.data.metrics
+        summary = json.loads((project / "metrics" / "mnist" / f"train_{name}.json").read_text())
+        assert "train_seconds" not in summary
+        assert run.info.run_id in report_run.data.tags["mlflow.note.content"]
+    assert report_run.info.run_id not in page
+    assert "trained in" not in page and "(version" not in page
+    assert "trained in" in report_run.data.tags["mlflow.note.content"]
 
 
 def test_served_alias_answers_with_the_evaluate_stages_digits(quick, tmp_path):

@@ -422,8 +422,10 @@ def test_progress_line_keeps_the_books_fields_and_says_where_it_is():
     line = progress_line(c, epochs=100, total_iterations=43000, elapsed=318.0)
     assert line.startswith("36:15909:0.005000 loss=0.250000, acc=0.930000 (train batch")
     # 15,910 of 43,000 done in 318 s: 27,090 left at 0.01999 s each, about 541 s
-    assert line.endswith("epoch 37/100, iteration 15,910/43,000, 0:05:18 elapsed, "
-                         "about 0:09:01 left")
+    # one counting convention: the indices are 0-based; the rest is a count, not an index
+    assert line.endswith("| 15,910 of 43,000 iterations done (37% of 100 epochs), "
+                         "0:05:18 elapsed, about 0:09:01 left")
+    assert "epoch 37" not in line
     assert "\n" not in line
 
 

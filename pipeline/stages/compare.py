@@ -75,15 +75,17 @@ def set_aliases(client, found_runs: dict, run_infos: dict) -> dict:
     return models
 
 
-def describe_training(runs_by_name: dict) -> tuple[str, str]:
+def describe_training(runs_by_name: dict) -> tuple[str, str, str]:
+    """The training settings, and each run's best checkpoint without and with its training
+    time (which differs on every rerun)."""
     params = next(iter(runs_by_name.values())).data.params
     training = f"{formatting.training_settings(params)}, seed {params['train.seed']}"
-    best = "; ".join(
-        f"{name}: best checkpoint at epoch {int(run.data.metrics['best_epoch'])}, iteration "
-        f"{int(run.data.metrics['best_iteration'])}, trained in "
-        f"{run.data.metrics['train_seconds']:.0f} s"
-        for name, run in runs_by_name.items())
-    return training, best + "."
+    best = {name: f"{name}: best checkpoint at epoch {int(run.data.metrics['best_epoch'])}, "
+                  f"iteration {int(run.data.metrics['best_iteration'])}"
+            for name, run in runs_by_name.items()}
+    timed = {name: f"{text}, trained in {runs_by_name[name].data.metrics['train_seconds']:.0f} s"
+             for name, text in best.items()}
+    return training, "; ".join(best.values()) + ".", "; ".join(timed.values()) + "."
 
 
 def collect(cfg: DictConfig, client) -> dict:
@@ -140,7 +142,7 @@ def compare_task(cfg: DictConfig) -> None:
     found = collect(cfg, client)
     found_runs = found["runs"]
     table = table_19_12.build_table(book, found["ours"])
-    training, best_checkpoints = describe_training(found_runs)
+    training, best_checkpoints, best_checkpoints_timed = describe_training(found_runs)
     merge = found_runs["bi"].data.params.get("model.merge") if "bi" in found_runs else None
     notes = table_19_12.notes(book, {n: tensor_counts(r) for n, r in found_runs.items()}, merge)
     target = project_path(cfg.paths.reports_dir) / REPORT_FOLDER / cfg.dataset
@@ -149,8 +151,9 @@ def compare_task(cfg: DictConfig) -> None:
     with runs.new_run(client, found["experiment"], cfg.run_name, tags) as report_run_id, \
             files.publish_dir(target, "report") as staging:
         context = {"runs": {n: r.info.run_id for n, r in found_runs.items()},
-                   "report_run": report_run_id, "training": training,
-                   "best_checkpoints": best_checkpoints,
+                   "report_run": report_run_id, "report_name": cfg.run_name,
+                   "training": training, "best_checkpoints": best_checkpoints,
+                   "best_checkpoints_timed": best_checkpoints_timed,
                    "models": set_aliases(client, found_runs, found["run_infos"]),
                    **{key: found[key] for key in ("preset", "dataset", "experiment")}}
         figures.save_png(figures.validation_curves(found["histories"]),
@@ -167,7 +170,7 @@ def compare_task(cfg: DictConfig) -> None:
         # numbers are the training runs' own.
         runs.set_description(client, report_run_id, table_19_12.page(
             table, book, context, notes,
-            figure_link=lambda f: f"get-artifact?path={f}&run_uuid={report_run_id}"))
+            figure_link=lambda f: f"get-artifact?path={f}&run_uuid={report_run_id}", ids=True))
         runs.adopt_children(client, report_run_id, [r.info.run_id for r in found_runs.values()])
     log.info("wrote %s/report.md (report run %s)", target, report_run_id)
     print(table_19_12.table_markdown(table))
