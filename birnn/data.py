@@ -73,31 +73,8 @@ def _read_bytes(path: Path) -> bytes:
         raise DataError(f"{path}: cannot read: {exc.strerror or exc}") from None
 
 
-def read_idx(path: PathLike) -> np.ndarray:
-    """Read an IDX file (gzip-compressed or raw) and validate it completely.
-
-    Compression is detected from the gzip magic bytes ``1f 8b``, not from the file name.
-
-    Returns:
-        magic 2051 (images): uint8 array of shape (N, rows, cols);
-        magic 2049 (labels): int64 array of shape (N,).
-        The array is a writable copy.
-
-    Raises:
-        DataError: the file does not exist or cannot be read.
-        IDXFormatError: corrupt gzip stream, header shorter than required, unknown magic,
-            a dimension that is zero or negative (>= 2**31 as unsigned), or a data length
-            different from the product of the dimensions (truncated or trailing bytes).
-    """
-    path = Path(path)
-    raw = _read_bytes(path)
-    if raw[:2] == _GZIP_MAGIC:
-        try:
-            raw = gzip.decompress(raw)
-        except (OSError, EOFError, zlib.error) as exc:
-            reason = " ".join(str(exc).split()) or type(exc).__name__
-            raise IDXFormatError(f"{path}: corrupt gzip stream: {reason}") from None
-
+def _header(path: Path, raw: bytes) -> tuple[int, int, int]:
+    """The magic number, the number of dimensions and the header's length, checked."""
     if len(raw) < 4:
         raise IDXFormatError(
             f"{path}: header too short: {len(raw)} bytes, an IDX magic number needs 4"
@@ -115,6 +92,53 @@ def read_idx(path: PathLike) -> np.ndarray:
             f"{path}: header too short: magic {magic} needs a {header_len}-byte header, "
             f"file has {len(raw)} bytes"
         )
+    return magic, ndim, header_len
+
+
+def _gunzip(path: Path, compressed: bytes) -> tuple[bytes, bool]:
+    """The decompressed file, but never more than its header declares plus one byte (a small
+    gzip that expands to gigabytes is refused as trailing bytes after reading that much), and
+    whether it was cut there."""
+    stream = zlib.decompressobj(wbits=31)  # gzip framing
+    try:
+        head = stream.decompress(compressed, 4 + 4 * max(_NDIM.values()))
+        if len(head) >= 4 and int.from_bytes(head[:4], "big") in _NDIM:
+            _, ndim, header_len = _header(path, head)
+            dims = [int.from_bytes(head[4 + 4 * i:8 + 4 * i], "big", signed=True)
+                    for i in range(ndim)]
+            limit = header_len + math.prod(max(d, 0) for d in dims) + 1
+        else:
+            limit = len(head)  # not IDX: the header check below says so
+        data = head + stream.decompress(stream.unconsumed_tail, max(limit - len(head), 1))
+        if len(data) < limit and not stream.eof:
+            raise EOFError("the stream ends before its end-of-stream marker")
+    except (OSError, EOFError, zlib.error) as exc:
+        reason = " ".join(str(exc).split()) or type(exc).__name__
+        raise IDXFormatError(f"{path}: corrupt gzip stream: {reason}") from None
+    return data, not stream.eof or bool(stream.unused_data)
+
+
+def read_idx(path: PathLike) -> np.ndarray:
+    """Read an IDX file (gzip-compressed or raw) and validate it completely.
+
+    Compression is detected from the gzip magic bytes ``1f 8b``, not from the file name.
+
+    Returns:
+        magic 2051 (images): uint8 array of shape (N, rows, cols);
+        magic 2049 (labels): int64 array of shape (N,).
+        The array is a writable copy.
+
+    Raises:
+        DataError: the file does not exist or cannot be read.
+        IDXFormatError: corrupt gzip stream, header shorter than required, unknown magic,
+            a dimension that is zero or negative (>= 2**31 as unsigned), or a data length
+            different from the product of the dimensions (truncated or trailing bytes).
+    """
+    path = Path(path)
+    raw, cut = _read_bytes(path), False
+    if raw[:2] == _GZIP_MAGIC:
+        raw, cut = _gunzip(path, raw)
+    magic, ndim, header_len = _header(path, raw)
     dims = [int(d) for d in np.frombuffer(raw, dtype=">i4", count=ndim, offset=4)]
     if any(d <= 0 for d in dims):
         raise IDXFormatError(
@@ -127,7 +151,7 @@ def read_idx(path: PathLike) -> np.ndarray:
         what = "truncated" if found < expected else "trailing bytes"
         raise IDXFormatError(
             f"{path}: {what}: header says {'x'.join(str(d) for d in dims)} = {expected} "
-            f"bytes of data, file has {found}"
+            f"bytes of data, file has {'more than ' if cut else ''}{found - cut}"
         )
     data = np.frombuffer(raw, dtype=np.uint8, count=expected, offset=header_len).reshape(dims)
     if magic == LABELS_MAGIC:

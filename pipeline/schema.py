@@ -5,8 +5,9 @@ line naming the full key (docs/architecture.md, "Configuration").
 
 from __future__ import annotations
 
-import math
 import dataclasses
+import math
+import re
 from pathlib import Path
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional
@@ -209,13 +210,16 @@ def _positive(key: str, value: float) -> None:
         _fail(key, "must be a finite number > 0", value)
 
 
+PLAIN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+
+
 def _plain_name(key: str, value: Any) -> None:
-    """A folder name under an output folder (models/<dataset>/<name>/): never a path."""
-    name = str(value)
-    if (not name.strip() or name in (".", "..") or name.startswith(".")
-            or any(sep in name for sep in ("/", "\\", "\0"))):
-        _fail(key, "must be a plain folder name (no '/', not empty, not starting with '.')",
-              value)
+    """A folder name under an output folder (models/<dataset>/<name>/), also part of MLflow
+    names (runs, registered models): never a path, and one every file system and MLflow hold,
+    checked before any work."""
+    if not PLAIN_NAME.fullmatch(str(value)):
+        _fail(key, "must be a plain folder name: 1 to 64 letters, digits, '.', '_' or '-', "
+              "starting with a letter or digit", value)
 
 
 def _reject_unknown_keys(node: DictConfig, prefix: str = "") -> None:

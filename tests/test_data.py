@@ -6,6 +6,7 @@ import gzip
 import hashlib
 import shutil
 import struct
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -363,3 +364,34 @@ def test_split_val_fraction_bounds():
     for bad in (1.0, -0.01, 1.5, float("nan")):
         raises(DataError, shuffle_split, idx, idx, val_fraction=bad, phrase="val_fraction")
     raises(DataError, shuffle_split, idx, idx[:11], phrase="differ in length")
+
+
+def test_a_gzip_bomb_is_refused_after_the_size_its_header_declares(tmp_path):
+    # 10 images declared, 200 MB of zeros behind them: a 200 kB file. Decompression stops one
+    # byte past the declared size instead of holding 200 MB.
+    import tracemalloc
+    header = struct.pack(">iiii", 2051, 10, 28, 28)
+    compressor = zlib.compressobj(9, zlib.DEFLATED, 31)
+    blob = compressor.compress(header)
+    zeros = bytes(1 << 20)
+    for _ in range(200):
+        blob += compressor.compress(zeros)
+    bomb = write(tmp_path / "bomb.gz", blob + compressor.flush())
+    assert bomb.stat().st_size < 1_000_000
+    tracemalloc.start()
+    try:
+        msg = raises(IDXFormatError, read_idx, bomb, phrase="trailing bytes", path=bomb)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert "header says 10x28x28 = 7840 bytes of data, file has more than 7840" in msg
+    assert peak < 10 * 2**20, peak
+
+
+def test_a_gzip_file_of_exactly_the_declared_size_reads(tmp_path):
+    arr = np.random.default_rng(1).integers(0, 256, size=(3, 28, 28), dtype=np.uint8)
+    path = write(tmp_path / "ok.gz", gzip.compress(idx_bytes(arr), mtime=0))
+    np.testing.assert_array_equal(read_idx(path), arr)
+    extra = write(tmp_path / "extra.gz", gzip.compress(idx_bytes(arr) + b"\x00", mtime=0))
+    msg = raises(IDXFormatError, read_idx, extra, phrase="trailing bytes", path=extra)
+    assert msg.endswith("file has 2353")  # one byte over: the whole stream was read

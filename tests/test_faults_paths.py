@@ -70,6 +70,8 @@ HOSTILE = [  # stage, overrides, the start of the one error line
     ("prepare", ["hydra.run.dir=data/raw/mnist"], "hydra.run.dir: 'data/raw/mnist' resolves"),
     ("train", ["paths.models_dir=data", "name=raw"], "paths.models_dir: 'data/raw' resolves"),
     ("train", ["name=.."], "name: must be a plain folder name"),
+    ("train", ["name=" + "a" * 240], "name: must be a plain folder name"),  # ENAMETOOLONG
+    ("train", ["name=a%00b"], "name: must be a plain folder name"),  # MLflow refuses it
     ("train", ["-m", "hydra.sweep.dir=data/sweep", "model=uni"], "hydra.sweep.dir: 'data/sweep'"),
     ("evaluate", ["paths.evaluation_dir=reports"], "paths.evaluation_dir: {project}/reports is "
                                                    "a non-empty folder"),
