@@ -96,13 +96,52 @@ def _published(path: Path) -> Path:
     return path
 
 
-def read_json(path: Path, hint: str = "run the earlier stages first (dvc repro)") -> Any:
+NUMBER = "number"  # in a shape: an int or a float, not a bool
+
+
+def _mismatch(value: Any, shape: Any, where: str) -> str | None:
+    """How ``value`` differs from ``shape`` (a type, NUMBER, or a dict of key -> shape), or None."""
+    if isinstance(shape, dict):
+        if not isinstance(value, dict):
+            return f"{where or 'the file'} holds {type(value).__name__} {_short(value)}, not an object"
+        for key, inner in shape.items():
+            if key not in value:
+                return f"{where + '.' if where else ''}{key} is missing"
+            found = _mismatch(value[key], inner, f"{where + '.' if where else ''}{key}")
+            if found:
+                return found
+        return None
+    ok = (isinstance(value, (int, float)) and not isinstance(value, bool)) if shape == NUMBER \
+        else isinstance(value, shape)
+    wanted = "a number" if shape == NUMBER else f"a {shape.__name__}"
+    return None if ok else f"{where} is {_short(value)}, not {wanted}"
+
+
+def _short(value: Any) -> str:
+    text = json.dumps(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def check_shape(path: Path, value: Any, shape: Any, hint: str,
+                error: type[Exception] = MissingInputError) -> Any:
+    """``value`` (read from ``path``) if it has ``shape``; else a one-line ``error`` saying
+    what is wrong and ``hint``."""
+    problem = _mismatch(value, shape, "")
+    if problem:
+        raise error(f"{path}: damaged: {problem}: {hint}")
+    return value
+
+
+def read_json(path: Path, hint: str = "run the earlier stages first (dvc repro)",
+              shape: Any = dict) -> Any:
+    """The JSON file ``path``, checked to have ``shape`` (by default: an object)."""
     try:
-        return json.loads(Path(path).read_text(encoding="utf-8"))
+        value = json.loads(Path(path).read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise MissingInputError(f"{path}: no such file: {hint}") from None
     except (OSError, ValueError) as exc:
         raise MissingInputError(f"{path}: unreadable: {' '.join(str(exc).split())}") from None
+    return check_shape(path, value, shape, hint)
 
 
 @contextlib.contextmanager

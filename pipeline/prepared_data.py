@@ -51,6 +51,8 @@ def read_meta(folder: Path, dataset: str | None = None) -> dict:
         raise DataError(f"{path}: no such file: run the prepare stage first ({prepare})") from None
     except (OSError, ValueError) as exc:
         raise DataError(f"{path}: unreadable: {exc}") from None
+    files.check_shape(path, meta, {"dataset": str, "files_sha256": dict},
+                      f"rerun the prepare stage ({prepare})", DataError)
     if dataset is not None and meta.get("dataset") != dataset:
         raise DataError(f"{path}: holds {meta.get('dataset')!r} data, not {dataset!r} (the "
                         f"configured dataset): set dataset={meta.get('dataset')} to use it, or "

@@ -277,8 +277,8 @@ def _validate_train(train: DictConfig) -> None:
 
 
 def _validate_data(data: DictConfig) -> None:
-    if not 0.0 <= data.val_fraction < 1.0:
-        _fail("data.val_fraction", "must be in [0, 1)", data.val_fraction)
+    if not 0.0 < data.val_fraction < 1.0:  # training picks its best parameters on validation
+        _fail("data.val_fraction", "must be in (0, 1)", data.val_fraction)
     if data.split_seed < 0:
         _fail("data.split_seed", "must be >= 0", data.split_seed)
 

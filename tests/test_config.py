@@ -80,6 +80,7 @@ def test_quick_preset_shrinks_training_only(compose_cfg):
     ("train", ["train.train_limit=0"], "train.train_limit"),
     ("prepare", ["data.val_fraction=1.0"], "data.val_fraction"),
     ("prepare", ["data.val_fraction=-0.1"], "data.val_fraction"),
+    ("prepare", ["data.val_fraction=0"], "data.val_fraction"),  # no validation: no best
     ("evaluate", ["models=[]"], "models"),
     ("compare", ["tracking.probe_timeout_seconds=0"], "tracking.probe_timeout_seconds"),
     ("train", ["model.lr=inf"], "model.lr"),  # passes '> 0', then every loss is nan

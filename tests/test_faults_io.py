@@ -10,6 +10,7 @@ by injecting them.
 from __future__ import annotations
 
 import errno
+import re
 import os
 import shlex
 import subprocess
@@ -21,7 +22,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from pipeline import files, output_paths
-from pipeline.errors import StageError, is_expected, one_line
+from pipeline.errors import MissingInputError, StageError, is_expected, one_line
 from pipeline_testkit import TINY, clean_env, copy_project, error_lines
 
 
@@ -160,3 +161,51 @@ def test_an_output_folder_on_a_read_only_filesystem_is_found_before_the_work(mon
     with pytest.raises(StageError, match=r"^paths.reports_dir: .*/reports/x: cannot write: "):
         output_paths.check_writable(output)
 
+
+
+@pytest.mark.parametrize("content, says", [
+    ("[]", "damaged: the file holds list [], not an object"),
+    ("{}", "damaged: run_id is missing"),
+    ('{"run_id": 7}', "damaged: run_id is 7, not a str"),
+])
+def test_a_damaged_run_json_is_one_line(tmp_path, content, says):
+    from pipeline.tracking import runs
+
+    model_dir = tmp_path / "uni"
+    model_dir.mkdir()
+    (model_dir / "run.json").write_text(content)
+    with pytest.raises(MissingInputError) as info:
+        runs.read_run_info(model_dir, "mnist")
+    assert str(info.value) == (f"{model_dir / 'run.json'}: {says}: train this model first "
+                               "(python -m pipeline.stages.train dataset=mnist model=uni)")
+
+
+@pytest.mark.parametrize("content, says", [
+    ("[]", "the file holds list [], not an object"),
+    ('{"dataset": "mnist"}', "files_sha256 is missing"),
+])
+def test_a_damaged_meta_json_is_one_line(tmp_path, content, says):
+    from birnn.data import DataError
+    from pipeline import prepared_data
+
+    (tmp_path / "meta.json").write_text(content)
+    with pytest.raises(DataError, match=f"meta.json: damaged: {re.escape(says)}: rerun the "
+                                        "prepare stage"):
+        prepared_data.read_meta(tmp_path, "mnist")
+
+
+def test_damaged_test_and_details_json_are_one_line(tmp_path):
+    from pipeline import files
+    from pipeline.stages.compare import TEST_RESULT
+
+    entry = {"param_count": 2282, "best": {"loss": 0.2, "accuracy": "high"},
+             "last": {"loss": 0.2, "accuracy": 0.9}}
+    with pytest.raises(MissingInputError, match=r"test.json: damaged: best.accuracy is "
+                                                r"\"high\", not a number: rerun evaluate"):
+        files.check_shape(tmp_path / "test.json", entry, TEST_RESULT, "rerun evaluate")
+    (tmp_path / "details.json").write_text("{}")
+    with pytest.raises(MissingInputError, match="details.json: damaged: best is missing"):
+        files.read_json(tmp_path / "details.json", shape={"best": {"confusion": list}})
+    entry["best"]["accuracy"] = True  # a bool is no number
+    with pytest.raises(MissingInputError, match="best.accuracy is true, not a number"):
+        files.check_shape(tmp_path / "test.json", entry, TEST_RESULT, "rerun evaluate")

@@ -30,6 +30,9 @@ from pipeline.tracking import runs, store
 log = logging.getLogger(__name__)
 
 REPORT_FOLDER = "table_19_12"  # reports/table_19_12/<dataset>/
+# One model's entry of metrics/<dataset>/test.json (written by the evaluate stage).
+TEST_RESULT = {"param_count": int, **{rule: {"loss": files.NUMBER, "accuracy": files.NUMBER}
+                                      for rule in RULES}}
 
 
 def check_agreement(name: str, ours: dict, run, where: str) -> None:
@@ -93,11 +96,12 @@ def collect(cfg: DictConfig, client) -> dict:
     paths = cfg.paths
     metrics_dir = project_path(paths.metrics_dir)
     test_path = metrics_dir / "test.json"
-    test = files.read_json(test_path)
+    test = files.read_json(test_path, hint="rerun evaluate")
     ours, found_runs, run_infos, histories, confusions = {}, {}, {}, {}, {}
     for name in cfg.models:
         if name not in test:
             raise StageError(f"{test_path}: no results for model {name!r}: rerun evaluate")
+        files.check_shape(test_path, test[name], TEST_RESULT, "rerun evaluate")
         model_dir = project_path(paths.models_dir) / name
         run_infos[name] = runs.read_run_info(model_dir, cfg.dataset)
         found_runs[name] = runs.require_run(client, run_infos[name]["run_id"],
@@ -110,7 +114,8 @@ def collect(cfg: DictConfig, client) -> dict:
             histories[label] = pd.read_csv(history_path)
         except (OSError, ValueError) as exc:
             raise StageError(f"{history_path}: unreadable ({exc}): retrain {name}") from None
-        details = files.read_json(project_path(paths.evaluation_dir) / name / "details.json")
+        details = files.read_json(project_path(paths.evaluation_dir) / name / "details.json",
+                                  hint="rerun evaluate", shape={"best": {"confusion": list}})
         confusions[label] = details["best"]["confusion"]
     experiments = {run.info.experiment_id for run in found_runs.values()}
     if len(experiments) != 1:

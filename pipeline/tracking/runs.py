@@ -190,7 +190,8 @@ def read_run_info(model_dir: Path, dataset: str) -> dict:
     """models/<dataset>/<name>/run.json, written by the train stage: which run holds this
     model."""
     return read_json(model_dir / "run.json", hint="train this model first (python -m "
-                     f"pipeline.stages.train dataset={dataset} model={model_dir.name})")
+                     f"pipeline.stages.train dataset={dataset} model={model_dir.name})",
+                     shape={"run_id": str})
 
 
 def require_run(client, run_id: str, where: str):
