@@ -24,8 +24,9 @@ def load_runs(reports_dir: Path) -> pd.DataFrame:
     ``book-seeds-20`` and ``book-seeds-20+bi-merges``, is kept from the first file by name)."""
     files = sorted((reports_dir / "sweeps").glob("*/runs.csv"))
     if not files:
-        return pd.DataFrame(columns=["sweep", "run_id"])
-    tables = [pd.read_csv(path, keep_default_na=False, na_values=[""]) for path in files]
+        return pd.DataFrame(columns=["sweep", "run_id", "file"])
+    tables = [pd.read_csv(path, keep_default_na=False, na_values=[""]).assign(
+        file=f"reports/sweeps/{path.parent.name}/runs.csv") for path in files]
     runs = pd.concat(tables, ignore_index=True)
     return runs.drop_duplicates("run_id", keep="first").reset_index(drop=True)
 
@@ -48,6 +49,10 @@ def cell_rows(runs: pd.DataFrame, cell) -> pd.DataFrame:
     if cell.merge is not None:
         mask &= runs["merge"] == cell.merge
     found = runs[mask].sort_values("seed").reset_index(drop=True)
+    if found["seed"].duplicated().any():  # the paired analysis matches runs by seed
+        raise StageError(f"findings: {runs_file(cell.sweep)}: cell '{cell.label}' has several "
+                         f"runs of seed {found['seed'][found['seed'].duplicated()].iloc[0]}: "
+                         "narrow the cell (hidden, merge) in study/conf/findings.yaml")
     if cell.schedule is not None and "schedule" in found and found["schedule"].notna().any():
         seen = set(found["schedule"].dropna())
         if seen != {SCHEDULES[cell.schedule]}:
@@ -60,7 +65,7 @@ def cell_rows(runs: pd.DataFrame, cell) -> pd.DataFrame:
 def missing(runs: pd.DataFrame, sweep_ids) -> list[str]:
     """The files of the sweeps that have no committed runs."""
     present = set(runs["sweep"]) if len(runs) else set()
-    return [runs_file(sweep_id) for sweep_id in dict.fromkeys(sweep_ids)
+    return [f"`{runs_file(sweep_id)}`" for sweep_id in dict.fromkeys(sweep_ids)
             if sweep_id not in present]
 
 

@@ -59,16 +59,20 @@ def _words(section: DictConfig, a: DictConfig, b: DictConfig) -> tuple[str, str]
 
 
 def analyse(number: int, section: DictConfig, runs: pd.DataFrame, confidence: float,
-            metrics_dir: Path) -> Section:
+            metrics_dir: Path, dataset: str = "mnist") -> Section:
     """The section's cells and comparisons from ``runs`` (verdicts wait for Holm)."""
     declared = {cell.label: cell for cell in section.cells}
-    cells = {}
+    cells, short = {}, []
+    sweeps = [cell.sweep for cell in section.cells] + list(section.searches)
+    absent = data.missing(runs, sweeps)
     for cell in section.cells:
         rows = data.cell_rows(runs, cell)
         if len(rows) >= 2:
             cells[cell.label] = rows
-    sweeps = [cell.sweep for cell in section.cells] + list(section.searches)
-    result = Section(number, section, cells, data.missing(runs, sweeps), [])
+        elif f"`{data.runs_file(cell.sweep)}`" not in absent:
+            short.append(f"`{data.runs_file(cell.sweep)}` ({len(rows)} finished runs of cell "
+                         f"'{cell.label}'; a comparison needs 2)")
+    result = Section(number, section, cells, absent + short, [])
     for comparison in section.comparisons:
         a, b = declared[comparison.a], declared[comparison.b]
         item = Comparison(comparison, *_words(section, a, b))
@@ -82,7 +86,8 @@ def analyse(number: int, section: DictConfig, runs: pd.DataFrame, confidence: fl
         result.interaction = statistics.contrast(groups, [1, -1, -1, 1], confidence)
     if section.test_set_uncertainty:
         uni, bi = (data.correct_predictions(metrics_dir, kind) for kind in ("uni", "bi"))
-        result.test_set = statistics.mcnemar(uni, bi, confidence)
+        result.test_set = {**statistics.mcnemar(uni, bi, confidence),
+                           "source": f"metrics/{dataset}/predictions_*_best.csv"}
     for search in section.searches:
         trials = runs[runs["sweep"] == search]
         if not trials.empty:
@@ -105,19 +110,21 @@ def decide(sections: list[Section], confidence: float) -> None:
             p = c.adjusted_p if c.config.confirmatory else c.result["p"]
             c.verdict = statistics.verdict(c.result["diff"], p < alpha, c.a_word, c.b_word)
             if section.config.primary:
-                c.verdict = page.CLAIM_WORDS[c.verdict]
+                c.verdict = page.CLAIM_WORDS.get(c.verdict, c.verdict)
 
 
 def committed_sections(text: str) -> dict[str, str]:
-    """The committed page's sections, title (without its number) -> body; for a section
-    that already keeps an older text, that older text."""
+    """The committed page's answers, section title (without its number) -> text: for a
+    section that already keeps an older text, that older text; none for a section that
+    waited for data and had no answer yet."""
     sections = {}
     for match in re.finditer(r"^## (?:\d+\. )?(.+?)\n(.*?)(?=^## |\Z)", text, re.M | re.S):
         body = match.group(2).strip("\n")
         kept = body.find(page.KEPT_MARK)
         if kept >= 0:
-            body = body[kept:].split("\n", 2)[2].strip("\n")
-        sections[match.group(1).strip()] = body
+            sections[match.group(1).strip()] = body[kept:].split("\n", 2)[2].strip("\n")
+        elif page.WAITING_MARK not in body:
+            sections[match.group(1).strip()] = body
     return sections
 
 
@@ -149,8 +156,8 @@ def findings_task(cfg: DictConfig) -> None:
     page_path = reports / "findings.md"
     earlier = committed_sections(page_path.read_text(encoding="utf-8")) \
         if page_path.exists() else {}
-    sections = [analyse(n, section, runs, cfg.confidence, project_path(cfg.paths.metrics_dir))
-                for n, section in enumerate(cfg.sections, start=1)]
+    sections = [analyse(n, section, runs, cfg.confidence, project_path(cfg.paths.metrics_dir),
+                        cfg.dataset) for n, section in enumerate(cfg.sections, start=1)]
     decide(sections, cfg.confidence)
     for section in sections:
         if section.missing:

@@ -10,6 +10,7 @@ from pipeline.reports.formatting import loss, percent, points
 from study import data
 
 KEPT_MARK = "**The last page's answer**"
+WAITING_MARK = "**Waiting for data.**"
 CLAIM_WORDS = {"bi better": "the book's claim holds", "uni better": "the book's claim does not hold",
                "cannot tell": "cannot tell"}
 
@@ -68,7 +69,13 @@ def _answer(section, c) -> str:
             f"{_span(r['low'], r['high'])} ({r['n_a']} and {r['n_b']} seeds; {test}).")
     if c.verdict == "cannot tell":
         text += (f" The design finds a true difference of {points(r['detectable'])} points "
-                 "with 80% power.")
+                 "with 80% power (at an unadjusted 5% level).")
+    elif r["n_pairs"] >= 2 and r["paired_low"] < 0 < r["paired_high"]:
+        text += (f" Fragile: paired by seed ({r['n_pairs']} seeds) the interval is "
+                 f"{_span(r['paired_low'], r['paired_high'])}, which contains 0.")
+    if section.config.primary:
+        text += (" This is the book's configuration, where the two nets also train with "
+                 "different learning-rate schedules: section 2 separates the two.")
     if c.config.earlier:
         changed = "**changed**" if c.config.earlier != c.verdict else "unchanged"
         text += f" Last page: {c.config.earlier} ({c.config.earlier_detail}); {changed}."
@@ -110,7 +117,7 @@ def _test_set(section) -> str:
     if t is None:
         return ""
     return (f"**The test set's own uncertainty.** The DVC pipeline's two models (one seed "
-            f"each; `metrics/mnist/predictions_*_best.csv`) score uni {percent(t['acc_uni'])}, "
+            f"each; `{t['source']}`) score uni {percent(t['acc_uni'])}, "
             f"bi {percent(t['acc_bi'])} on the same {t['images']:,} images: uni alone is right "
             f"on {t['uni_only']}, bi alone on {t['bi_only']}; McNemar's exact test p = "
             f"{_p(t['p'])}; bi − uni {points(t['diff'], True)} points, 95% bootstrap interval "
@@ -134,18 +141,17 @@ def _compute(section) -> str:
     if not frames:
         return ""
     runs = pd.concat(frames).drop_duplicates("run_id")
-    files = sorted({data.runs_file(s) for s in runs["sweep"]})
+    files = sorted(set(runs["file"]))
     return (f"**Seeds and compute.** {len(runs)} runs, {runs['train_seconds'].sum() / 3600:.1f} "
-            "hours of training in all (the runs' `train_seconds`; sweeps ran two jobs at a time "
-            f"on 2 cores). Data: {', '.join(f'`{f}`' for f in files)}.")
+            "hours of training in all (the sum of the runs' `train_seconds`). Data: "
+            f"{', '.join(f'`{f}`' for f in files)}.")
 
 
 def section_text(section) -> str:
     config = section.config
     parts = [f"**Question.** {config.question}"]
     if section.missing:
-        parts.append("**Waiting for data.** Not committed yet: "
-                     + ", ".join(f"`{f}`" for f in section.missing)
+        parts.append(f"{WAITING_MARK} Not committed yet: " + ", ".join(section.missing)
                      + ". A confirmatory comparison waiting for them counts in Holm's family "
                      "as p = 1.")
     if section.cells:
@@ -208,7 +214,7 @@ holds", "does not hold" or "cannot tell"). Every other comparison is exploratory
 comes from its unadjusted {level} Welch interval. Intervals are {level}, unadjusted; "paired
 by seed" uses the seeds both cells ran (a seed gives both models the same batch order);
 "detectable" is the smallest true difference the test finds with 80% power at the observed
-spreads.
+spreads and an unadjusted 5% level (a confirmatory test, Holm-adjusted, needs more).
 
 {_changes(sections)}
 

@@ -4,6 +4,7 @@ committed section, a contradicting schedule is refused, Holm decides the confirm
 from __future__ import annotations
 
 import hashlib
+import re
 import shutil
 from pathlib import Path
 
@@ -100,4 +101,35 @@ def test_holm_decides_the_confirmatory_verdicts_and_the_interval_the_others(tmp_
     assert sure.adjusted_p == pytest.approx(2 * p)  # the missing test counts as p = 1
     assert sure.verdict == "cannot tell"
     assert exploratory.verdict == "bi better"
-    assert section.missing == ["reports/sweeps/not-yet/runs.csv"]
+    assert section.missing == ["`reports/sweeps/not-yet/runs.csv`"]
+
+
+def test_a_new_section_waiting_for_data_settles_after_one_regeneration(project):
+    # A section the committed page never had: its placeholder is not kept as an "answer".
+    config = project / "findings_later.yaml"
+    config.write_text((ROOT / "study" / "conf" / "findings.yaml").read_text() + """
+  - name: later
+    title: A question for later
+    question: Is it?
+    cells:
+      - {label: x, sweep: not-run-yet, kind: uni}
+      - {label: y, sweep: not-run-yet-either, kind: bi}
+    comparisons:
+      - {a: y, b: x}
+    commands: [python -m pipeline.stages.train -m hydra.sweep.dir=multirun/not-run-yet]
+""")
+    extra = (f"--config-dir={project}", "--config-name=findings_later")
+    first = _findings(project, *extra)
+    assert first.returncode == 0, first.stderr[-2000:]
+    page = (project / "reports" / "findings.md").read_text()
+    assert "`reports/sweeps/not-run-yet/runs.csv`" in page
+    assert page.count("**Waiting for data.** Not committed yet: `reports/sweeps/not-run-yet") == 1
+    again = _findings(project, *extra)
+    assert again.returncode == 0 and (project / "reports" / "findings.md").read_text() == page
+
+
+def test_the_page_cites_the_files_its_rows_come_from(project):
+    page = (project / "reports" / "findings.md").read_text()
+    for cited in set(re.findall(r"`(reports/sweeps/[^`*]+/runs\.csv)`", page)):
+        if "Not committed yet" not in page.split(cited)[0].rsplit("\n", 1)[-1]:
+            assert (ROOT / cited).is_file(), cited
