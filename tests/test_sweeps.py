@@ -193,6 +193,28 @@ def test_report_page_figure_and_parent_run(report, seeds):
     assert "bi-uni.test_acc_best.low" in parent.data.metrics
 
 
+def test_a_report_of_other_runs_never_replaces_a_committed_one(report, seeds, workspace):
+    # A committed report of the same sweep id, made from other runs (the id used again with
+    # a new store): refused in one line, every file left as it was.
+    folder = report["dir"]
+    table = pd.read_csv(folder / "runs.csv")
+    original = table.loc[0, "run_id"]
+    table.loc[0, "run_id"] = "0123456789abcdef0123456789abcdef"
+    table.to_csv(folder / "runs.csv", index=False)
+    before = {p.name: p.read_bytes() for p in folder.iterdir()}
+    result = compare(workspace, f"sweep={seeds['id']}")
+    assert result.returncode == 1
+    [line] = error_lines(result)
+    assert line == (f"error: {folder}: holds the report of 1 runs that are not in these "
+                    "sweeps (the same id used again, or another tracking store): give the "
+                    "sweep a new id, or move that folder away first")
+    assert {p.name: p.read_bytes() for p in folder.iterdir()} == before
+    # the report of the same runs is rewritten, as before
+    table.loc[0, "run_id"] = original
+    table.to_csv(folder / "runs.csv", index=False)
+    assert compare(workspace, f"sweep={seeds['id']}").returncode == 0
+
+
 # ----------------------------------------------------------------------------- failures
 @pytest.fixture(scope="module")
 def failing(workspace) -> dict:

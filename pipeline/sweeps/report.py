@@ -10,6 +10,7 @@ import logging
 import time
 from pathlib import Path
 
+import pandas as pd
 from omegaconf import DictConfig, ListConfig
 
 from pipeline import files
@@ -40,6 +41,26 @@ def check_finished(found: sweep_runs.SweepRuns) -> None:
     counts = ", ".join(f"{n} {s.lower()}" for s, n in jobs["status"].value_counts().items())
     raise StageError(f"sweep={found.report_id}: no finished run ({len(jobs)} jobs: {counts}); "
                      "the report summarises finished runs")
+
+
+def check_same_runs(target: Path, jobs) -> None:
+    """A report folder that exists is replaced only by a report of the same runs (more of
+    them, once more jobs ended, is fine), never by another sweep's data under a reused id
+    (a new store, a committed report)."""
+    earlier_table = target / "runs.csv"
+    if not earlier_table.exists():
+        return
+    try:
+        earlier = set(pd.read_csv(earlier_table)["run_id"].dropna())
+    except (OSError, ValueError, KeyError) as exc:
+        raise StageError(f"{earlier_table}: unreadable ({' '.join(str(exc).split())}): the "
+                         "report there cannot be matched with these runs; move that folder "
+                         "away to write a new one") from None
+    others = earlier - set(jobs["run_id"])
+    if others:
+        raise StageError(f"{target}: holds the report of {len(others)} runs that are not in "
+                         "these sweeps (the same id used again, or another tracking store): "
+                         "give the sweep a new id, or move that folder away first")
 
 
 def wall_seconds(parent) -> float | None:
@@ -104,6 +125,7 @@ def sweep_report_task(cfg: DictConfig) -> None:
                "sweeps": describe_sweeps(found), "report_run": None}
 
     target = project_path(cfg.paths.reports_dir) / "sweeps" / found.report_id
+    check_same_runs(target, jobs)
     with files.publish_dir(target, "report") as staging:
         if len(found.sweep_ids) == 1 and found.parents:  # the sweep's own parent holds it
             write_files(staging, page.page(context, summary, diffs, jobs, book), jobs,
