@@ -83,14 +83,17 @@ def command_line_overrides(argv: list[str]) -> list[str]:
 
 
 def check_hydra_dirs(argv: list[str]) -> None:
-    """Hydra's run and sweep folders given on the command line, checked before Hydra creates
-    them and writes its .hydra/ files and log there."""
+    """Hydra's run and sweep folders, its files' subfolder and log files given on the command
+    line, checked before Hydra creates them and writes its .hydra/ files and log there."""
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
     overrides = command_line_overrides(argv)
     for override in OverridesParser.create().parse_overrides(overrides):
-        if override.key_or_group in HYDRA_DIRS and isinstance(override.value(), str):
-            output_paths.check_hydra_dir(override.key_or_group, override.value())
+        key = override.key_or_group
+        if key in HYDRA_DIRS and isinstance(override.value(), str):
+            output_paths.check_hydra_dir(key, override.value())
+        elif key.startswith("hydra."):
+            output_paths.check_hydra_setting(key, override.value())
 
 
 def check_outputs(config_name: str, cfg: DictConfig) -> None:

@@ -14,6 +14,7 @@ Anything else is a one-line :class:`ConfigError` naming the key.
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass
 from fnmatch import fnmatchcase
 from pathlib import Path
@@ -86,6 +87,28 @@ def _is_default_location(path: Path, kind: str) -> bool:
                for place in KINDS[kind])
 
 
+def output_holding(path: Path) -> str | None:
+    """The kind of stage output that ``path`` lies in or is (a default place, or a folder
+    marked by the stage that wrote it), or None."""
+    for folder in (path, *path.parents):
+        kind = marked_kind(folder) if folder.is_dir() else None
+        if kind and kind != UNNAMED:
+            return kind
+        found = next((k for k in KINDS if _is_default_location(folder, k)), None)
+        if found:
+            return found
+    return None
+
+
+def check_not_inside_output(key: str, path: Path, allowed: str | None = None) -> None:
+    """Files written into a folder (Hydra's run folder, the metrics) must not land inside a
+    stage output of another kind (``allowed``: the writer's own kind)."""
+    kind = output_holding(path)
+    if kind is not None and kind != allowed:
+        raise ConfigError(f"{key}: {path} lies in another stage's output ({kind}): refusing "
+                          "to write into it; name a folder of its own")
+
+
 def marker_text(kind: str) -> str:
     return ("Written by the birnn pipeline (pipeline/files.py): a stage writing this kind of "
             f"output may replace this folder whole.\nkind: {kind}\n")
@@ -131,12 +154,29 @@ def check_hydra_dir(key: str, value: str) -> None:
         if Path(value).is_absolute() or ".." in Path(value).parts:
             raise ConfigError(f"{key}: {value!r} must be a relative path without '..'")
         return
+    if re.search(r"\$\{(?!now:)", value):  # resolved only once Hydra has written there
+        raise ConfigError(f"{key}: {value!r}: only ${{now:...}} may be interpolated here; "
+                          "give the folder itself")
     literal = value.split("${")[0]
     if literal == value:
-        resolve(key, value, base=Path.cwd())
+        path = resolve(key, value, base=Path.cwd())
     else:  # the folder the literal part names (itself if it ends with '/')
-        resolve(key, (Path.cwd() / literal) if literal.endswith("/") or not literal
-                else (Path.cwd() / literal).parent, base=Path.cwd())
+        path = resolve(key, (Path.cwd() / literal) if literal.endswith("/") or not literal
+                       else (Path.cwd() / literal).parent, base=Path.cwd())
+    check_not_inside_output(key, path)
+
+
+def check_hydra_setting(key: str, value) -> None:
+    """Hydra's other places on the command line: its files' subfolder, a log file."""
+    if key == "hydra.output_subdir":
+        if value is not None and not re.fullmatch(r"[A-Za-z0-9._-]+", str(value)) \
+                or str(value) in (".", ".."):
+            raise ConfigError(f"{key}: {value!r} must be a folder name inside the run's folder "
+                              "(no '/', not '..'), or null")
+    elif key.startswith(("hydra.job_logging.", "hydra.hydra_logging.")) and \
+            key.endswith(".filename"):
+        raise ConfigError(f"{key}: Hydra's log goes into the run's folder; choose that folder "
+                          "with hydra.run.dir (or hydra.sweep.dir) instead")
 
 
 def check_writable(output: Output) -> None:
@@ -169,6 +209,13 @@ def _check(key: str, value, replaced: bool = False) -> Output:
     return output
 
 
+def _metrics(value) -> Output:
+    """The metrics folder: files are written into it, so it must not be another output."""
+    output = _check("paths.metrics_dir", value)
+    check_not_inside_output(output.key, output.path)
+    return output
+
+
 def _inside_job_folder(key: str, value, job_dir: Path) -> None:
     """Parallel jobs writing one folder would replace each other's files: a sweep job writes
     only under its own folder (conf/train.yaml)."""
@@ -191,10 +238,10 @@ def stage_outputs(config_name: str, cfg, job_dir: Path | None = None) -> list[Ou
     if config_name == "train":
         return [_check("paths.models_dir", Path(str(configured.models_dir)) / str(cfg.name),
                        replaced=True),
-                _check("paths.metrics_dir", configured.metrics_dir)]
+                _metrics(configured.metrics_dir)]
     if config_name == "evaluate":
         return [_check("paths.evaluation_dir", configured.evaluation_dir, replaced=True),
-                _check("paths.metrics_dir", configured.metrics_dir)]
+                _metrics(configured.metrics_dir)]
     if config_name == "compare":
         return [_check("paths.reports_dir",
                        Path(str(configured.reports_dir)) / "table_19_12" / str(cfg.dataset),

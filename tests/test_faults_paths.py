@@ -84,6 +84,22 @@ HOSTILE = [  # stage, overrides, the start of the one error line
      "{project}/models/mnist/uni holds another stage's output (model)"),
     ("compare", ["paths.reports_dir=data"], "paths.reports_dir: 'data/table_19_12/mnist' resolves"),
     ("commands.sweep_report", ["sweep=../../data"], "sweep: must be a plain folder name"),
+    # Hydra's own keys: its log file, its files' subfolder, its run folder
+    ("prepare", ["hydra.job_logging.handlers.file.filename=data/raw/mnist/SHA256SUMS"],
+     "hydra.job_logging.handlers.file.filename: Hydra's log goes into the run's folder"),
+    ("prepare", ["hydra.job_logging.handlers.file.filename=data/raw/mnist/SHA256SUMS",
+                 "hydra.job_logging.handlers.file.mode=w"],
+     "hydra.job_logging.handlers.file.filename: Hydra's log goes into the run's folder"),
+    ("train", ["hydra.output_subdir=../../../models/mnist/bi"], "hydra.output_subdir: "
+     "'../../../models/mnist/bi' must be a folder name inside the run's folder"),
+    ("train", ["hydra.run.dir=models/mnist/bi"], "hydra.run.dir: {project}/models/mnist/bi lies "
+     "in another stage's output (model)"),
+    ("train", ["paths.metrics_dir=models/mnist/bi"], "paths.metrics_dir: {project}/models/mnist/bi"
+     " lies in another stage's output (model)"),
+    ("evaluate", ["paths.metrics_dir=evaluation/mnist"], "paths.metrics_dir: "
+     "{project}/evaluation/mnist lies in another stage's output (evaluation)"),
+    ("prepare", ["hydra.run.dir=${paths.prepared_dir}/../../raw/mnist"], "hydra.run.dir: "
+     "'${{paths.prepared_dir}}/../../raw/mnist': only ${{now:...}} may be interpolated here"),
 ]
 
 
