@@ -125,15 +125,32 @@ def _test_set(section) -> str:
             "tell before any seed-to-seed variation; exploratory.")
 
 
+def _trial_values(configuration: str) -> dict[str, str]:
+    """'uni model.lr=0.0117 model.lr_decay=0.74 ...' -> {'lr': '0.0117', 'decay': '0.74', ...}."""
+    names = {"model.lr": "lr", "model.lr_decay": "decay", "model.lr_decay_every": "every"}
+    pairs = dict(item.split("=", 1) for item in configuration.split()[1:] if "=" in item)
+    return {short: f"{float(pairs[key]):.3g}" if key in pairs else "–"
+            for key, short in names.items()}
+
+
 def _searches(section) -> str:
     parts = []
     for search, trials in section.searches.items():
-        rows = [{"trial": str(t.job), "schedule": t.schedule,
+        rows = [{"trial": str(t.job), **_trial_values(t.configuration),
+                 "steps at epochs": _steps(str(t.schedule)),
                  "validation loss, best": loss(t.best_val_loss),
                  "at epoch": f"{t.best_epoch:g}"} for t in trials.itertuples()]
-        parts.append(f"**Search `{search}`** ({len(trials)} trials of {trials['epochs'].iloc[0]} "
-                     f"epochs, best first; the tuned cell retrains the first):\n\n{_table(rows)}")
+        parts.append(f"**Search `{search}`** ({len(trials)} trials of {int(trials['epochs'].iloc[0])} "
+                     "epochs, best validation loss first; the tuned cell retrains the first with "
+                     f"the same fractions of a 100-epoch run):\n\n{_table(rows)}")
     return "\n\n".join(parts)
+
+
+def _steps(schedule: str) -> str:
+    """'0.0117; 0.0087 from epoch 10, 0.0065 from 20' -> '10, 20' (none: '–')."""
+    if "; " not in schedule:
+        return "–"
+    return ", ".join(step.rsplit(" ", 1)[-1] for step in schedule.split("; ", 1)[1].split(", "))
 
 
 def _compute(section) -> str:
