@@ -210,7 +210,7 @@ def _positive(key: str, value: float) -> None:
         _fail(key, "must be a finite number > 0", value)
 
 
-PLAIN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+PLAIN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,199}")  # a sweep id from a long path fits
 
 
 def _plain_name(key: str, value: Any) -> None:
@@ -218,7 +218,7 @@ def _plain_name(key: str, value: Any) -> None:
     names (runs, registered models): never a path, and one every file system and MLflow hold,
     checked before any work."""
     if not PLAIN_NAME.fullmatch(str(value)):
-        _fail(key, "must be a plain folder name: 1 to 64 letters, digits, '.', '_' or '-', "
+        _fail(key, "must be a plain folder name: 1 to 200 letters, digits, '.', '_' or '-', "
               "starting with a letter or digit", value)
 
 
