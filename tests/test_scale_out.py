@@ -199,7 +199,12 @@ def test_scancel_and_the_time_limit_end_those_runs_killed_while_the_others_finis
 
     # Slurm's side: what it recorded and what it printed into the jobs' logs.
     tasks = array_tasks(sweep_dir)
-    states = {num: cluster.job_state(tasks[num]) for num in range(4)}
+
+    def settled():  # slurmctld may still be finishing a job (COMPLETING) when the sweep ends
+        found = {num: cluster.job_state(tasks[num]) for num in range(4)}
+        return found if all(s["JobState"] != "COMPLETING" for s in found.values()) else None
+
+    states = wait_until(settled, 60, "Slurm's final job states")
     assert [states[num]["JobState"] for num in range(4)] == \
         ["COMPLETED", "CANCELLED", "COMPLETED", "TIMEOUT"], states
     logs = {num: job_log(sweep_dir, tasks[num]) for num in (1, 3)}
