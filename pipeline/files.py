@@ -9,6 +9,7 @@ Unchanged arrays give byte-identical .npz files, so they keep their DVC hash.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import hashlib
 import json
 import os
@@ -82,10 +83,15 @@ def _writing(target: Path) -> Iterator[None]:
         yield
     except OSError as exc:
         where = Path(exc.filename) if exc.filename else None
-        if not is_environmental(exc) or (where is not None
-                                         and target.parent not in where.parents):
-            raise
+        if not is_environmental(exc) or (where is not None and not _is_written_as(where, target)):
+            raise  # (another output's, written in the same block: its own handler names it)
         raise StageError(f"{_published(target)}: cannot write: {exc.strerror}") from None
+
+
+def _is_written_as(path: Path, target: Path) -> bool:
+    """Whether ``path`` is ``target`` or one of its temporary names (or inside one)."""
+    return any(p == target or (p.parent == target.parent and p.name.startswith(f".{target.name}."))
+               for p in (path, *path.parents))
 
 
 def _published(path: Path) -> Path:
@@ -169,8 +175,12 @@ def write_text(target: str | os.PathLike, text: str) -> None:
         tmp.write_text(text, encoding="utf-8")
 
 
+def json_text(obj: Any) -> str:
+    return json.dumps(obj, indent=2, sort_keys=False) + "\n"
+
+
 def write_json(target: str | os.PathLike, obj: Any) -> None:
-    write_text(target, json.dumps(obj, indent=2, sort_keys=False) + "\n")
+    write_text(target, json_text(obj))
 
 
 def save_npz(target: str | os.PathLike, arrays: Mapping[str, np.ndarray]) -> None:
@@ -178,6 +188,30 @@ def save_npz(target: str | os.PathLike, arrays: Mapping[str, np.ndarray]) -> Non
     default timestamp, so the same arrays give the same bytes (tests/test_files.py)."""
     with atomic_path(target, suffix=".npz") as tmp:
         np.savez(tmp, **{name: np.ascontiguousarray(a) for name, a in arrays.items()})
+
+
+@contextlib.contextmanager
+def exclusive(target: str | os.PathLike, hint: str) -> Iterator[None]:
+    """Hold the writer's lock of ``target`` (``.<name>.lock`` beside it) for the block: a
+    second writer is refused in one line (``hint``: what to do instead). The kernel releases
+    an flock when its holder dies, however it dies, so a killed writer leaves no stale lock."""
+    target = output_paths.resolve("output folder", target)
+    with _writing(target):
+        target.parent.mkdir(parents=True, exist_ok=True)
+        handle = open(target.parent / f".{target.name}.lock", "a+", encoding="utf-8")
+    with handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            holder = handle.read().strip() or "?"
+            raise StageError(f"{target}: another process is writing it (pid {holder}): "
+                             f"{hint}") from None
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"{os.getpid()} on {socket.gethostname()}")
+        handle.flush()
+        yield
 
 
 def _replace_dir(staging: Path, target: Path) -> None:

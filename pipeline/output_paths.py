@@ -225,10 +225,45 @@ def _inside_job_folder(key: str, value, job_dir: Path) -> None:
                           f"({job_dir}); leave {key} unset in a sweep (-m)")
 
 
+# The shipped per-dataset places (conf/paths/default.yaml): the folder after these names the
+# dataset whose output it holds.
+DATASET_PLACES = (("data", "prepared"), ("models",), ("metrics",), ("evaluation",),
+                  ("reports", "table_19_12"))
+
+
+def dataset_of_place(path: Path) -> str | None:
+    """The dataset whose default output folder ``path`` is or lies in, or None."""
+    root = paths.PROJECT_ROOT.resolve()
+    if root not in path.parents:
+        return None
+    parts = path.relative_to(root).parts
+    for place in DATASET_PLACES:
+        if len(parts) > len(place) and parts[:len(place)] == place:
+            return parts[len(place)]
+    return None
+
+
+def _check_dataset(output: Output, dataset: str) -> None:
+    """A stage of one dataset never writes into another dataset's folders."""
+    found = dataset_of_place(output.path)
+    if found is not None and found != dataset:
+        raise ConfigError(f"{output.key}: {output.path} holds dataset {found}'s output, and this "
+                          f"run is dataset={dataset}: refusing to write it; set dataset={found} "
+                          "or name a folder of its own")
+
+
 def stage_outputs(config_name: str, cfg, job_dir: Path | None = None) -> list[Output]:
     """Check what the stage ``config_name`` will write with ``cfg`` (in a sweep job, whose own
-    folder is ``job_dir``); return it. The folder names below are those the stages use
-    (pipeline/stages/, pipeline/sweeps/)."""
+    folder is ``job_dir``); return it."""
+    outputs = _outputs(config_name, cfg, job_dir)
+    if cfg.get("dataset") is not None:
+        for output in outputs:
+            _check_dataset(output, str(cfg.dataset))
+    return outputs
+
+
+def _outputs(config_name: str, cfg, job_dir: Path | None) -> list[Output]:
+    """The folder names below are those the stages use (pipeline/stages/, pipeline/sweeps/)."""
     configured = cfg.get("paths")
     if config_name == "prepare":
         return [_check("paths.prepared_dir", configured.prepared_dir, replaced=True)]

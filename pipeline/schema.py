@@ -351,6 +351,10 @@ def validate(cfg: DictConfig) -> DictConfig:
             _plain_name("models", name)
     if "name" in cfg:
         _plain_name("name", cfg.name)
+        if "model" in cfg and cfg.name in MODEL_KINDS and cfg.name != cfg.model.kind:
+            _fail("name", f"is the {cfg.name} model's folder and registered name, and "
+                  f"model={cfg.model.kind} trains {cfg.model.kind}: leave name unset or choose "
+                  "another", cfg.name)
     if "dataset" in cfg:
         _plain_name("dataset", cfg.dataset)
         if "data" in cfg and cfg.dataset != cfg.data.name:  # prepare: the folder names the data

@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -21,7 +22,7 @@ import pytest
 
 from pipeline import files, output_paths, paths
 from pipeline.errors import ConfigError
-from pipeline_testkit import ROOT, clean_env, copy_project, error_lines, stage
+from pipeline_testkit import ROOT, TINY, clean_env, copy_project, error_lines, stage
 
 
 def snapshot(project: Path) -> dict[str, str]:
@@ -83,6 +84,14 @@ HOSTILE = [  # stage, overrides, the start of the one error line
     ("evaluate", ["paths.evaluation_dir=models/mnist/uni"], "paths.evaluation_dir: "
      "{project}/models/mnist/uni holds another stage's output (model)"),
     ("compare", ["paths.reports_dir=data"], "paths.reports_dir: 'data/table_19_12/mnist' resolves"),
+    # another dataset's or another model's output
+    ("evaluate", ["paths.evaluation_dir=evaluation/fashion_mnist"], "paths.evaluation_dir: "
+     "{project}/evaluation/fashion_mnist holds dataset fashion_mnist's output, and this run is "
+     "dataset=mnist: refusing to write it"),
+    ("train", ["paths.metrics_dir=metrics/fashion_mnist"], "paths.metrics_dir: "
+     "{project}/metrics/fashion_mnist holds dataset fashion_mnist's output"),
+    ("train", ["model=uni", "name=bi"], "name: is the bi model's folder and registered name, "
+     "and model=uni trains uni"),
     ("commands.sweep_report", ["sweep=../../data"], "sweep: must be a plain folder name"),
     # Hydra's own keys: its log file, its files' subfolder, its run folder
     ("prepare", ["hydra.job_logging.handlers.file.filename=data/raw/mnist/SHA256SUMS"],
@@ -221,6 +230,23 @@ def test_leftovers_of_killed_writers_are_removed_and_a_live_writers_kept(tmp_pat
         (staging / "a.txt").write_text("new")
 
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["out", *kept])
+
+
+def test_a_second_training_into_a_model_folder_being_written_is_refused(tmp_path, prepared_dir):
+    models, metrics = tmp_path / "models", tmp_path / "metrics"
+    train = ["train", *TINY, f"paths.prepared_dir={prepared_dir}", f"paths.models_dir={models}",
+             f"paths.metrics_dir={metrics}", f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}"]
+    with files.exclusive(models / "uni", "wait"):  # a first writer, in this process
+        result = stage(*train, timeout=120)
+    assert result.returncode == 1
+    assert error_lines(result) == [
+        f"error: {models / 'uni'}: another process is writing it (pid {os.getpid()} on "
+        f"{socket.gethostname()}): wait for it to end, or train into another name=..."]
+    assert [p.name for p in models.iterdir()] == [".uni.lock"] and not metrics.exists()
+
+    assert stage(*train, timeout=120).returncode == 0  # the lock went with its holder
+    assert sorted(p.name for p in (models / "uni").iterdir()) == [
+        output_paths.MARKER, "best.npz", "config.yaml", "last.npz", "run.json"]
 
 
 def test_a_folder_moved_aside_by_a_killed_run_is_put_back(tmp_path):

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 import tempfile
 
 import mlflow
@@ -479,6 +480,39 @@ def test_dvc_metrics_show_lists_both_models(quick):
 def test_second_repro_runs_nothing(quick):
     output = dvc(quick["project"], "repro")
     assert ran_stages(output) == [] and "Data and pipelines are up to date" in output
+
+
+def test_a_forced_rerun_of_the_same_numbers_leaves_git_status_clean(quick):
+    project = quick["project"]
+    commit_all(project, "quick run")
+    uni_before = training_run(quick, "uni").info.run_id
+
+    output = dvc(project, "repro", "-f", "compare@mnist")
+
+    assert_ran_in_order(output, stage_order("mnist"))
+    assert training_run(quick, "uni").info.run_id != uni_before  # trained again, new run
+    status = run(["git", "status", "--porcelain"], cwd=project)
+    assert status.returncode == 0 and status.stdout == ""  # dvc.lock, metrics/, reports/
+    assert_report_equals_tracked_metrics(quick)
+
+
+def test_a_run_json_beside_other_weights_is_refused_in_one_line(quick, tmp_path):
+    project = quick["project"]
+    models = tmp_path / "models"
+    shutil.copytree(project / "models" / "mnist", models)
+    shutil.copy(models / "bi" / "run.json", models / "uni" / "run.json")  # bi's, beside uni's
+
+    result = stage("evaluate", f"paths.models_dir={models}",
+                   f"paths.evaluation_dir={tmp_path / 'evaluation'}",
+                   f"paths.metrics_dir={tmp_path / 'metrics'}", cwd=project, timeout=120)
+
+    assert result.returncode == 1
+    [line] = error_lines(result)
+    assert line.startswith(f"error: {models / 'uni' / 'run.json'}: describes run "
+                           f"{training_run(quick, 'bi').info.run_id}'s weights, not the ones "
+                           f"in {models / 'uni'}")
+    assert line.endswith("retrain it (python -m pipeline.stages.train dataset=mnist model=uni)")
+    assert not (tmp_path / "evaluation").exists() and not (tmp_path / "metrics").exists()
 
 
 def test_exp_run_with_a_bi_hyperparameter_reruns_only_what_depends_on_it(quick):

@@ -205,18 +205,24 @@ def fit(cfg: DictConfig, inputs: Inputs, on_checkpoint) -> TrainResult:
 
 
 def publish(cfg: DictConfig, inputs: Inputs, result: TrainResult, summary: dict,
-            history: pd.DataFrame, run_info: dict) -> Path:
+            history: pd.DataFrame, run_info: dict) -> tuple[Path, dict]:
     """The training's outputs, before any tracking that follows, so that they are kept
-    whatever the store does: the model folder whole, then its metrics files."""
+    whatever the store does: the model folder and its metrics files, all or none of them
+    (everything is written first, then each is renamed into place). Returns the model
+    folder and its run.json."""
     target = project_path(cfg.paths.models_dir) / cfg.name
     metrics_dir = project_path(cfg.paths.metrics_dir)
-    with files.publish_dir(target, "model") as staging:
-        save_model_files(staging, inputs.model, result, cfg)
-        files.write_json(staging / "run.json", run_info)
-    files.write_text(metrics_dir / f"history_{cfg.name}.csv", history.to_csv(index=False))
-    files.write_json(metrics_dir / f"train_{cfg.name}.json", summary)
+    # Nested, each written in its own block: a write error names the file it hit.
+    with files.atomic_path(metrics_dir / f"history_{cfg.name}.csv") as history_file:
+        history_file.write_text(history.to_csv(index=False), encoding="utf-8")
+        with files.atomic_path(metrics_dir / f"train_{cfg.name}.json") as summary_file:
+            summary_file.write_text(files.json_text(summary), encoding="utf-8")
+            with files.publish_dir(target, "model") as staging:
+                save_model_files(staging, inputs.model, result, cfg)
+                run_info = {**run_info, "weights_sha256": runs.weights_digest(staging)}
+                files.write_json(staging / "run.json", run_info)
     log.info("wrote %s and %s/train_%s.json", target, metrics_dir, cfg.name)
-    return target
+    return target, run_info
 
 
 def track(client, run_id: str, cfg: DictConfig, inputs: Inputs, result: TrainResult,
@@ -248,6 +254,12 @@ def track(client, run_id: str, cfg: DictConfig, inputs: Inputs, result: TrainRes
 def train_task(cfg: DictConfig) -> float:
     """Load, train, publish the outputs, track them; return the best validation loss."""
     client = store.connect(cfg.tracking)  # before the work: an unreachable store fails fast
+    with files.exclusive(project_path(cfg.paths.models_dir) / cfg.name,
+                         "wait for it to end, or train into another name=..."):
+        return _train(client, cfg)
+
+
+def _train(client, cfg: DictConfig) -> float:
     inputs = load(cfg)
     run_name, tags = sweep_job.run_identity(client, cfg.name, run_tags(cfg, inputs.meta))
     with runs.new_run(client, cfg.tracking.experiment_name, run_name, tags,
@@ -271,7 +283,7 @@ def train_task(cfg: DictConfig) -> float:
                     "tracking": "incomplete", "model": inputs.model.config,
                     "dataset": inputs.meta["dataset"],
                     "data_sha256": prepared_data.fingerprint(inputs.meta)}
-        target = publish(cfg, inputs, result, summary, history, run_info)
+        target, run_info = publish(cfg, inputs, result, summary, history, run_info)
         with runs.completing(run_id, f"the model is saved in {target} (run.json: tracking "
                              "incomplete)", rerun_command()):
             track(client, run_id, cfg, inputs, result, summary, history, buffer, target,

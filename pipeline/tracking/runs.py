@@ -4,6 +4,7 @@ link from a model folder to its run, grouping runs under a parent, and searching
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import logging
 import os
@@ -186,24 +187,48 @@ def log_data_inputs(client, run_id: str, source: str, fingerprint: str,
         client.log_inputs(run_id, datasets=inputs)
 
 
+WEIGHT_FILES = ("best.npz", "last.npz")
+
+
+def weights_digest(model_dir: Path) -> dict[str, str]:
+    """The sha256 of each weight file: run.json records them, so that a run.json left beside
+    other weights (DVC restores a model folder without it: .dvcignore) is caught."""
+    return {name: hashlib.sha256((model_dir / name).read_bytes()).hexdigest()
+            for name in WEIGHT_FILES if (model_dir / name).is_file()}
+
+
 def read_run_info(model_dir: Path, dataset: str) -> dict:
     """models/<dataset>/<name>/run.json, written by the train stage: which run holds this
-    model."""
-    return read_json(model_dir / "run.json", hint="train this model first (python -m "
-                     f"pipeline.stages.train dataset={dataset} model={model_dir.name})",
+    model, checked to describe the weights beside it."""
+    retrain = (f"python -m pipeline.stages.train dataset={dataset} model={model_dir.name}")
+    info = read_json(model_dir / "run.json", hint=f"train this model first ({retrain})",
                      shape={"run_id": str})
+    recorded = info.get("weights_sha256")  # (absent in a run.json of before it was recorded)
+    if recorded is not None and recorded != weights_digest(model_dir):
+        raise StageError(f"{model_dir / 'run.json'}: describes run {info['run_id']}'s weights, "
+                         f"not the ones in {model_dir} (another training wrote them, or "
+                         f"they were restored without it): retrain it ({retrain})")
+    return info
 
 
-def require_run(client, run_id: str, where: str):
-    """The run ``run_id`` (named in file ``where``) from the store, or a one-line StageError."""
+def require_run(client, run_id: str, where: str, retrain: str = "retrain the model"):
+    """The run ``run_id`` (named in file ``where``) from the store, or a one-line StageError.
+    A deleted run is refused too: results written into it would vanish from the UI, and go
+    with it when the store is cleaned (``mlflow gc``). ``retrain``: the other remedy."""
     from mlflow.exceptions import MlflowException
 
     try:
-        return client.get_run(run_id)
+        run = client.get_run(run_id)
     except MlflowException:
         raise StageError(f"{where}: run {run_id} is not in tracking store "
                          f"{client.tracking_uri} (was it trained with another tracking.uri?)") \
             from None
+    if run.info.lifecycle_stage == "deleted":
+        raise StageError(f"{where}: run {run_id} is deleted in tracking store "
+                         f"{client.tracking_uri}: restore it (MLFLOW_TRACKING_URI="
+                         f"{client.tracking_uri} mlflow runs restore --run-id {run_id}) or "
+                         f"{retrain}")
+    return run
 
 
 def adopt_children(client, parent_run_id: str, child_run_ids: list[str]) -> None:
