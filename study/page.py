@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 
 import pandas as pd
 
@@ -29,9 +30,14 @@ def _table(rows: list[dict]) -> str:
     return pd.DataFrame(rows).to_markdown(index=False, disable_numparse=True)
 
 
+def _rounded(schedule: str) -> str:
+    """A schedule's rates to 4 significant digits: a tuned rate is a float of 17 digits."""
+    return re.sub(r"\d+\.\d{5,}(e-?\d+)?", lambda m: f"{float(m.group()):.4g}", schedule)
+
+
 def _schedule(cell, rows: pd.DataFrame) -> str:
     if "schedule" in rows and rows["schedule"].notna().any():
-        return "; ".join(dict.fromkeys(rows["schedule"].dropna()))
+        return "; ".join(dict.fromkeys(_rounded(s) for s in rows["schedule"].dropna()))
     return f"{data.SCHEDULES[cell.schedule]} (as configured)" if cell.schedule else "–"
 
 
