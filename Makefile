@@ -13,7 +13,11 @@ SWEEP_STAMP := $(shell date +%Y%m%d-%H%M%S)
 # launcher and Optuna extras its tests use); ui.txt adds playwright for test-ui. Each lock is
 # resolved with the one before as a constraint, so a package has one version in all three.
 # pyproject.toml keeps the ranges, for installing birnn as a library.
-setup: $(VENV)/.installed
+setup: $(VENV)/.installed .dvc/plots/offline.html
+
+# `dvc plots show`'s page with Vega's code inline (.dvc/config names it): it renders offline.
+.dvc/plots/offline.html: scripts/offline_plots.py
+	python3 scripts/offline_plots.py
 
 $(VENV)/.installed: requirements/setup.txt pyproject.toml
 	python3 -m venv $(VENV)
@@ -68,7 +72,7 @@ test: $(VENV)/.installed-test   ## the fast test suite (a few minutes on 2 cores
 test-slow: $(VENV)/.installed-test   ## the long checks: the full book configuration end to end
 	python -m pytest -m slow
 
-test-ui: $(VENV)/.installed-ui   ## the MLflow UI in headless Chromium (apt-get install chromium), a few minutes
+test-ui: $(VENV)/.installed-ui .dvc/plots/offline.html   ## the MLflow UI in headless Chromium (apt-get install chromium), a few minutes
 	python -m pytest -m ui
 
 test-ray:                 ## the Ray launcher tests (needs postgresql), in their own virtualenv (.venv-ray, about 1.3 GB)

@@ -158,7 +158,8 @@ def copy_project(dest: Path) -> Path:
     listing = subprocess.run(
         ["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
         cwd=ROOT, capture_output=True, check=True).stdout.decode().split("\0")
-    for name in filter(None, listing):
+    made_by_setup = [".dvc/plots/offline.html"]  # (ignored by git: scripts/offline_plots.py)
+    for name in [*filter(None, listing), *made_by_setup]:
         source = ROOT / name
         if source.is_file():  # (deleted but still in the index: skip)
             (dest / name).parent.mkdir(parents=True, exist_ok=True)

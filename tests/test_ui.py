@@ -11,9 +11,11 @@ server, so the registry of a server is exercised too. Screenshots go to a tempor
 from __future__ import annotations
 
 import json
+import re
 import time
 
 import pytest
+import yaml
 from mlflow.tracking import MlflowClient
 
 from pipeline.stages import compare
@@ -52,7 +54,7 @@ def ui(tmp_path_factory):
         shots = root / "screenshots"
         shots.mkdir()
         print(f"\nscreenshots: {shots}")
-        yield {"url": url, "client": client, "runs": runs, "shots": shots,
+        yield {"url": url, "client": client, "runs": runs, "shots": shots, "project": project,
                "report": client.get_run(runs["uni"]).data.tags["mlflow.parentRunId"],
                "experiment_id": client.get_experiment_by_name(EXPERIMENT).experiment_id}
     print(f"ui tests: {time.monotonic() - started:.0f} s in all")
@@ -200,3 +202,26 @@ def test_training_run_page_says_what_was_trained_and_how_it_scored(ui, page):
     # the server's registry holds the pipeline's versions, aliased by preset
     version = ui["client"].get_model_version_by_alias("birnn-mnist-bi", "quick")
     assert version.run_id == run_id
+
+
+def test_dvc_plots_show_renders_exactly_the_declared_plots_offline(ui, browser):
+    project = ui["project"]
+    out = ui["shots"] / "dvc_plots"
+    result = run(["dvc", "plots", "show", "-o", str(out)], cwd=project, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    html = (out / "index.html").read_text()
+    declared = [next(iter(plot)) for plot in yaml.safe_load((project / "dvc.yaml").read_text())["plots"]]
+    assert re.findall(r'<div id = "([^"]+)"', html) == declared  # none drawn on its own
+    assert not re.search(r"<script[^>]+src=", html)  # Vega inline (.dvc/plots/offline.html)
+
+    context = browser.new_context(offline=True, viewport={"width": 1440, "height": 900})
+    page = context.new_page()
+    errors = []
+    page.on("pageerror", lambda error: errors.append(str(error)))
+    page.goto(out.joinpath("index.html").as_uri())
+    page.wait_for_function(f"document.querySelectorAll('.vega-embed canvas').length == {len(declared)}",
+                           timeout=PAGE_TIMEOUT_MS)
+    page.screenshot(path=str(ui["shots"] / "dvc-plots.png"))
+    context.close()
+    assert errors == []
+
