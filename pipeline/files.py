@@ -190,16 +190,20 @@ def save_npz(target: str | os.PathLike, arrays: Mapping[str, np.ndarray]) -> Non
         np.savez(tmp, **{name: np.ascontiguousarray(a) for name, a in arrays.items()})
 
 
+LOCKS = Path(tempfile.gettempdir()) / "birnn-locks"
+
+
 @contextlib.contextmanager
 def exclusive(target: str | os.PathLike, hint: str) -> Iterator[None]:
-    """Hold the writer's lock of ``target`` (``.<name>.lock`` beside it) for the block: a
-    second writer is refused in one line (``hint``: what to do instead). The kernel releases
-    an flock when its holder dies, however it dies, so a killed writer leaves no stale lock."""
+    """Hold the writer's lock of ``target`` for the block: a second writer on this machine is
+    refused in one line (``hint``: what to do instead). The lock is an flock on a file named
+    after the target's path in the temporary folder, not beside the target: a stage that
+    stops early leaves its outputs untouched. The kernel releases it when its holder dies,
+    however it dies."""
     target = output_paths.resolve("output folder", target)
-    with _writing(target):
-        target.parent.mkdir(parents=True, exist_ok=True)
-        handle = open(target.parent / f".{target.name}.lock", "a+", encoding="utf-8")
-    with handle:
+    LOCKS.mkdir(mode=0o1777, exist_ok=True)
+    lock = LOCKS / f"{hashlib.sha256(str(target).encode()).hexdigest()[:32]}.lock"
+    with open(lock, "a+", encoding="utf-8") as handle:
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

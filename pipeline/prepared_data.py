@@ -17,8 +17,11 @@ from typing import Mapping
 
 import numpy as np
 
-from birnn.data import IMAGE_SHAPE, DataError, check_label_range, sha256_file
+from omegaconf import OmegaConf
+
+from birnn.data import IMAGE_SHAPE, DataError, check_label_range, read_manifest, sha256_file
 from pipeline import files
+from pipeline.paths import CONF_DIR, project_path
 
 SPLITS = ("train", "val", "test")
 META = "meta.json"
@@ -57,7 +60,37 @@ def read_meta(folder: Path, dataset: str | None = None) -> dict:
         raise DataError(f"{path}: holds {meta.get('dataset')!r} data, not {dataset!r} (the "
                         f"configured dataset): set dataset={meta.get('dataset')} to use it, or "
                         f"run {prepare}")
+    if dataset is not None:
+        check_raw_files(path, meta, prepare)
     return meta
+
+
+def committed_manifest(dataset: str) -> str | None:
+    """The manifest conf/data/<dataset>.yaml names (relative to the project), if any."""
+    config = CONF_DIR / "data" / f"{dataset}.yaml"
+    return OmegaConf.load(config).get("manifest") if config.is_file() else None
+
+
+def check_raw_files(path: Path, meta: dict, prepare: str) -> None:
+    """The raw files meta.json records are the ones its dataset's committed manifest lists.
+    Else prepared data of other files under that name (data=mnist pointed at Fashion-MNIST's
+    files and manifest, or its recorded checksums edited) would train and be reported as that
+    dataset."""
+    raw = meta.get("raw_files")
+    manifest = committed_manifest(meta["dataset"])
+    if manifest is None or raw is None:
+        # A dataset of one's own (no committed manifest), or data not made by the prepare
+        # stage (which always records its raw files): nothing to hold it to.
+        return
+    recorded = raw.get("sha256") if isinstance(raw, dict) else None
+    recorded = recorded if isinstance(recorded, dict) else {}
+    listed = read_manifest(project_path(manifest))
+    if recorded != listed:
+        differs = sorted(set(listed) ^ set(recorded) or
+                         {name for name in listed if listed[name] != recorded[name]})
+        raise DataError(f"{path}: says {meta['dataset']!r}, but the raw files it records are "
+                        f"not the ones {manifest} lists ({differs[0]} differs): "
+                        f"prepare it again ({prepare})")
 
 
 def fingerprint(meta: dict) -> str:

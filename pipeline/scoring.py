@@ -5,6 +5,8 @@ shared by the evaluate stage and by a sweep job, which tests its own model."""
 from __future__ import annotations
 
 import logging
+import zipfile
+import zlib
 from pathlib import Path
 from typing import Mapping
 
@@ -15,7 +17,7 @@ from birnn.data import scale_pixels
 from birnn.models import RNNClassifier, load_model
 from birnn.training import Evaluation, evaluate
 from pipeline import prepared_data
-from pipeline.errors import StageError
+from pipeline.errors import MissingInputError, StageError
 from pipeline.metric_names import PER_CLASS_TABLE, RULES, TEST_METRICS, test_metric
 from pipeline.tracking import logged_model, metrics, runs
 
@@ -36,15 +38,25 @@ def score(name: str, models: Mapping[str, RNNClassifier], images: np.ndarray,
     return results
 
 
-def load_rules(model_dir: Path) -> dict[str, RNNClassifier]:
-    """models/<dataset>/<name>/best.npz and last.npz, loaded."""
+def load_rules(model_dir: Path, retrain: str) -> dict[str, RNNClassifier]:
+    """models/<dataset>/<name>/best.npz and last.npz, loaded; ``retrain``: the command that
+    writes them again, for the error."""
     loaded = {}
     for rule in RULES:
         path = model_dir / f"{rule}.npz"
+        if not path.is_file():
+            raise MissingInputError(f"{path}: no such file: train this model first ({retrain})")
+        # A saved model is a zip (np.savez). Anything else would reach numpy's pickle
+        # fallback, whose error suggests loading the file unsafely (allow_pickle).
+        if not zipfile.is_zipfile(path):
+            raise StageError(f"{path}: not a saved model (not an .npz archive): retrain it "
+                             f"({retrain})")
         try:
             loaded[rule] = load_model(path)
-        except (OSError, ValueError) as exc:
-            raise StageError(str(exc) if str(path) in str(exc) else f"{path}: {exc}") from None
+        except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile, zlib.error) as exc:
+            reason = " ".join(str(exc).replace(f"{path}: ", "").split())
+            raise StageError(f"{path}: not a saved model ({reason}): retrain it ({retrain})") \
+                from None
     return loaded
 
 

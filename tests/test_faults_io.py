@@ -1,5 +1,6 @@
 """Every error a user or the machine can cause is one line: read-only and full filesystems, a
-read-only tracking store, and the OS errors behind them.
+read-only, full or deleted tracking store, the OS errors behind them, and input files that are
+not what they claim (a text file for a model, prepared data of other raw files).
 
 The filesystem faults are real where the machine allows: each stage runs under
 ``unshare --mount`` with a read-only bind mount or a tiny tmpfs that exist only for that
@@ -10,6 +11,7 @@ by injecting them.
 from __future__ import annotations
 
 import errno
+import json
 import re
 import os
 import shlex
@@ -23,7 +25,7 @@ from mlflow.tracking import MlflowClient
 
 from pipeline import files, output_paths
 from pipeline.errors import MissingInputError, StageError, is_expected, one_line
-from pipeline_testkit import TINY, clean_env, copy_project, error_lines
+from pipeline_testkit import ROOT, TINY, clean_env, copy_project, error_lines, stage
 
 
 def _can_mount() -> bool:
@@ -95,6 +97,28 @@ def test_a_full_disk_is_one_line_naming_the_output_and_leaves_nothing(tmp_path):
 
 
 @needs_mounts
+def test_a_full_metrics_disk_publishes_no_model_either(tmp_path, prepared_dir):
+    # A model folder and its metrics files are published together or not at all: a new model
+    # beside the last training's metrics would be read as one result.
+    disk, models = tmp_path / "disk", tmp_path / "models"
+    disk.mkdir()
+    fill = f"mkdir {disk / 'metrics'} && {{ dd if=/dev/zero of={disk / 'fill'} bs=4k 2>/dev/null; true; }}"
+    result = under_mounts([f"mount -t tmpfs -o size=64k tmpfs {disk}", fill],
+                          "pipeline.stages.train", *TINY, f"paths.prepared_dir={prepared_dir}",
+                          f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}",
+                          f"paths.models_dir={models}", f"paths.metrics_dir={disk / 'metrics'}",
+                          after=f"echo left: $(ls -A {disk / 'metrics'})")
+    assert result.returncode == 1
+    [line] = error_lines(result)
+    assert re.fullmatch(rf"error: {disk / 'metrics'}/(history|train)_uni\.\w+: cannot write: "
+                        "No space left on device", line), line
+    assert result.stdout.splitlines()[-1] == "left:"
+    assert not models.exists()  # no model folder
+    [run] = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}").search_runs(["0", "1"])
+    assert run.info.status == "FAILED"
+
+
+@needs_mounts
 def test_a_read_only_tracking_store_is_one_line(tmp_path, prepared_dir):
     db = tmp_path / "mlflow.db"
     client = MlflowClient(f"sqlite:///{db}")
@@ -105,7 +129,110 @@ def test_a_read_only_tracking_store_is_one_line(tmp_path, prepared_dir):
                           f"paths.metrics_dir={tmp_path / 'metrics'}")
     assert result.returncode == 1
     assert error_lines(result) == [
-        "error: (sqlite3.OperationalError) attempt to write a readonly database"], result.stderr
+        f"error: {db}: the tracking store is read-only (attempt to write a readonly database): "
+        "make the file and its folder writable, or set tracking.uri to another store"], \
+        result.stderr
+
+
+@needs_mounts
+def test_a_tracking_store_on_a_full_disk_is_one_line(tmp_path, prepared_dir):
+    made = tmp_path / "made.db"
+    MlflowClient(f"sqlite:///{made}").create_experiment(
+        "birnn-table-19-12", artifact_location=(tmp_path / "a").as_uri())
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    db = disk / "mlflow.db"
+    result = under_mounts([f"mount -t tmpfs -o size=4m tmpfs {disk}", f"cp {made} {db}",
+                           f"{{ dd if=/dev/zero of={disk / 'fill'} bs=4k 2>/dev/null || true; }}"],
+                          "pipeline.stages.train", *TINY, f"tracking.uri=sqlite:///{db}",
+                          f"paths.prepared_dir={prepared_dir}",
+                          f"paths.models_dir={tmp_path / 'models'}",
+                          f"paths.metrics_dir={tmp_path / 'metrics'}")
+    assert result.returncode == 1
+    assert error_lines(result) == [
+        f"error: {db}: the tracking store's disk is full (database or disk is full): free "
+        "space on that filesystem, or set tracking.uri to a store on another disk"], \
+        result.stderr
+
+
+def test_a_tracking_store_deleted_while_in_use_is_one_line(tmp_path):
+    from mlflow.exceptions import MlflowException
+
+    from pipeline.tracking import store
+
+    db = tmp_path / "mlflow.db"
+    client = store.StoreClient(MlflowClient(f"sqlite:///{db}"))
+    experiment = client.create_experiment("x", artifact_location=(tmp_path / "a").as_uri())
+    db.unlink()  # SQLite's open connection now answers "readonly" (SQLITE_READONLY_DBMOVED)
+    with pytest.raises(MlflowException) as info:
+        client.create_run(experiment)
+    assert is_expected(info.value)
+    assert one_line(info.value) == (
+        f"{db}: the tracking store was deleted or moved while in use (attempt to write a "
+        "readonly database): put it back, or rerun the stage to start a new store there")
+
+
+def _model_folder(tmp_path: Path, prepared_dir: Path) -> Path:
+    """models/uni/ with both parameter files and a run.json whose run is in the store
+    tmp_path/mlflow.db (no training: the faults below are in the files)."""
+    from birnn.models import build_model
+    from pipeline import prepared_data
+
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    experiment = client.create_experiment("x", artifact_location=(tmp_path / "a").as_uri())
+    run_id = client.create_run(experiment).info.run_id
+    folder = tmp_path / "models" / "uni"
+    model = build_model("uni", seed=1, hidden_size=8)
+    model.save(folder / "best.npz")
+    model.save(folder / "last.npz")
+    meta = prepared_data.read_meta(prepared_dir)
+    (folder / "run.json").write_text(json.dumps(
+        {"run_id": run_id, "dataset": "mnist", "data_sha256": prepared_data.fingerprint(meta)}))
+    return folder
+
+
+def test_a_text_file_in_place_of_a_model_is_one_line(tmp_path, prepared_dir):
+    folder = _model_folder(tmp_path, prepared_dir)
+    (folder / "best.npz").write_text("not a model\n")
+    result = stage("evaluate", "models=[uni]", f"paths.prepared_dir={prepared_dir}",
+                   f"paths.models_dir={tmp_path / 'models'}",
+                   f"paths.metrics_dir={tmp_path / 'metrics'}",
+                   f"paths.evaluation_dir={tmp_path / 'evaluation'}",
+                   f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}", timeout=120)
+    assert result.returncode == 1
+    assert error_lines(result) == [
+        f"error: {folder / 'best.npz'}: not a saved model (not an .npz archive): retrain it "
+        "(python -m pipeline.stages.train dataset=mnist model=uni)"], result.stderr
+    assert not (tmp_path / "metrics").exists()
+
+
+@pytest.mark.parametrize("stage_name", ["train", "evaluate"])
+def test_prepared_data_of_other_raw_files_under_a_datasets_name_is_refused(
+        stage_name, tmp_path, prepared_dir):
+    # Fashion-MNIST's files prepared with data=mnist (another raw_dir and manifest): meta.json
+    # says mnist, its raw checksums are Fashion-MNIST's.
+    from birnn.data import read_manifest
+
+    copy = tmp_path / "prepared"
+    copy.mkdir()
+    for split in ("train", "val", "test"):
+        (copy / f"{split}.npz").symlink_to(prepared_dir / f"{split}.npz")
+    meta = json.loads((prepared_dir / "meta.json").read_text())
+    meta["raw_files"] = {"verified_against": "data/raw/fashion_mnist/SHA256SUMS",
+                         "sha256": read_manifest(ROOT / "data/raw/fashion_mnist/SHA256SUMS")}
+    (copy / "meta.json").write_text(json.dumps(meta))
+    result = stage(stage_name, *(TINY if stage_name == "train" else ()),
+                   f"paths.prepared_dir={copy}",
+                   f"paths.models_dir={tmp_path / 'models'}",
+                   f"paths.metrics_dir={tmp_path / 'metrics'}",
+                   f"paths.evaluation_dir={tmp_path / 'evaluation'}",
+                   f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}", timeout=120)
+    assert result.returncode == 1
+    assert error_lines(result) == [
+        f"error: {copy / 'meta.json'}: says 'mnist', but the raw files it records are not the "
+        "ones data/raw/mnist/SHA256SUMS lists (t10k-images-idx3-ubyte.gz differs): prepare it "
+        "again (python -m pipeline.stages.prepare data=mnist)"], result.stderr
+    assert not (tmp_path / "models" / "uni").exists() and not (tmp_path / "metrics").exists()
 
 
 # ----------------------------------------------------------------------------- injected

@@ -1,4 +1,5 @@
-"""A tracking server that goes away costs no training (issue 7, class 4).
+"""A tracking server that goes away costs no training (issue 7, class 4); what a user deleted
+in the store (a run, a registered model) stops a stage in one line before it writes anything.
 
 Unit level: the store client's bounded HTTP calls and outage budget, the metric buffer that
 keeps values instead of raising into training. End to end, against a real ``mlflow server``:
@@ -23,9 +24,11 @@ from mlflow.entities import Metric
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
+from birnn.models import build_model
 from mlflow_server import mlflow_server
+from pipeline import prepared_data
 from pipeline.tracking import metrics, store
-from pipeline_testkit import CHECKPOINT_METRICS, clean_env
+from pipeline_testkit import CHECKPOINT_METRICS, clean_env, error_lines, stage
 
 
 # ----------------------------------------------------------------------------- unit level
@@ -245,3 +248,83 @@ def test_a_server_back_before_the_end_of_training_gets_the_whole_run(prepared_di
     assert ended.info.status == "FINISHED"
     assert len(history) == checkpoints  # the values kept while it was down were sent
     assert_outputs_written(tmp_path / "work", "complete")
+
+
+# ------------------------------------------------------------------------ deleted in the store
+def _store(tmp_path: Path) -> tuple[str, MlflowClient, str]:
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(uri)
+    return uri, client, client.create_experiment("x", artifact_location=(tmp_path / "a").as_uri())
+
+
+def test_evaluate_refuses_a_deleted_run(tmp_path, prepared_dir):
+    uri, client, experiment = _store(tmp_path)
+    run_id = client.create_run(experiment).info.run_id
+    client.delete_run(run_id)
+    folder = tmp_path / "models" / "uni"  # a model evaluate would otherwise test into the run
+    model = build_model("uni", seed=1, hidden_size=8)
+    model.save(folder / "best.npz")
+    model.save(folder / "last.npz")
+    (folder / "run.json").write_text(json.dumps(
+        {"run_id": run_id, "dataset": "mnist",
+         "data_sha256": prepared_data.fingerprint(prepared_data.read_meta(prepared_dir))}))
+    result = stage("evaluate", "models=[uni]", f"paths.prepared_dir={prepared_dir}",
+                   f"paths.models_dir={tmp_path / 'models'}",
+                   f"paths.metrics_dir={tmp_path / 'metrics'}",
+                   f"paths.evaluation_dir={tmp_path / 'evaluation'}", f"tracking.uri={uri}",
+                   timeout=120)
+    assert result.returncode == 1
+    assert error_lines(result) == [
+        f"error: {folder / 'run.json'}: run {run_id} is deleted in tracking store {uri}: "
+        f"restore it (MLFLOW_TRACKING_URI={uri} mlflow runs restore --run-id {run_id}) or "
+        "retrain it (python -m pipeline.stages.train dataset=mnist model=uni)"], result.stderr
+    assert client.get_run(run_id).data.metrics == {}
+    assert not (tmp_path / "metrics").exists()
+
+
+def test_compare_refuses_a_deleted_registered_model_before_moving_any_alias(tmp_path):
+    uri, client, experiment = _store(tmp_path)
+    results = {"loss": 0.5, "accuracy": 0.9}
+    test = {}
+    for name in ("uni", "bi"):  # what train and evaluate leave, without training
+        run_id = client.create_run(experiment, tags={"preset": "book",
+                                                     "dataset": "mnist"}).info.run_id
+        for metric in ("test_acc_best", "test_acc_last"):
+            client.log_metric(run_id, metric, results["accuracy"])
+        for metric in ("test_loss_best", "test_loss_last"):
+            client.log_metric(run_id, metric, results["loss"])
+        registered = f"birnn-mnist-{name}"
+        client.create_registered_model(registered)
+        for _ in range(2):  # version 1 holds the alias, version 2 is this run's
+            version = client.create_model_version(registered, f"runs:/{run_id}/model",
+                                                  run_id=run_id).version
+        client.set_registered_model_alias(registered, "book", "1")
+        model_dir = tmp_path / "models" / name
+        model_dir.mkdir(parents=True)
+        (model_dir / "run.json").write_text(json.dumps(
+            {"run_id": run_id, "registered_model": registered, "model_version": int(version)}))
+        (tmp_path / "metrics").mkdir(exist_ok=True)
+        (tmp_path / "metrics" / f"history_{name}.csv").write_text("epoch,val_loss\n1,0.5\n")
+        (tmp_path / "evaluation" / name).mkdir(parents=True)
+        (tmp_path / "evaluation" / name / "details.json").write_text(
+            json.dumps({"best": {"confusion": [[1]]}}))
+        test[name] = {"param_count": 10, "best": results, "last": results}
+    (tmp_path / "metrics" / "test.json").write_text(json.dumps(test))
+    client.delete_registered_model("birnn-mnist-bi")
+
+    result = stage("compare", f"paths.models_dir={tmp_path / 'models'}",
+                   f"paths.metrics_dir={tmp_path / 'metrics'}",
+                   f"paths.evaluation_dir={tmp_path / 'evaluation'}",
+                   f"paths.reports_dir={tmp_path / 'reports'}", f"tracking.uri={uri}",
+                   timeout=120)
+    assert result.returncode == 1
+    assert error_lines(result) == [
+        f"error: {tmp_path / 'models' / 'bi' / 'run.json'}: registered model birnn-mnist-bi "
+        f"version 2 is not in tracking store {uri} (deleted?): retrain to register a new "
+        "version: python -m pipeline.stages.train dataset=mnist model=bi, then python -m "
+        "pipeline.stages.evaluate dataset=mnist and python -m pipeline.stages.compare "
+        "dataset=mnist"], result.stderr
+    assert int(client.get_model_version_by_alias("birnn-mnist-uni", "book").version) == 1
+    assert not (tmp_path / "reports").exists()
+    assert [r.info.run_name for r in client.search_runs([experiment])
+            if r.data.tags.get("stage") == "compare"] == []

@@ -63,6 +63,36 @@ def alias_of(preset: str) -> str | None:
     return None
 
 
+def retrain_command(dataset: str, name: str) -> str:
+    """Retraining registers a new version; evaluate then records its results into the new run."""
+    return (f"python -m pipeline.stages.train dataset={dataset} model={name}, then python -m "
+            f"pipeline.stages.evaluate dataset={dataset} and python -m pipeline.stages.compare "
+            f"dataset={dataset}")
+
+
+def check_registered(client, info: dict, where: str, retrain: str) -> None:
+    """The registered version run.json names exists and holds this run's model. Checked for
+    every model before any alias moves: a failure halfway would leave the preset's alias on
+    one model of this table and one of an older table."""
+    from mlflow.exceptions import MlflowException
+
+    if not info.get("registered_model"):
+        return  # trained before models were registered
+    name, version = info["registered_model"], str(info["model_version"])
+    try:
+        holds = client.get_model_version(name, version).run_id
+    except MlflowException as exc:
+        if exc.error_code != "RESOURCE_DOES_NOT_EXIST":
+            raise
+        raise StageError(f"{where}: registered model {name} version {version} is not in "
+                         f"tracking store {client.tracking_uri} (deleted?): retrain to register "
+                         f"a new version: {retrain}") from None
+    if holds != info["run_id"]:
+        raise StageError(f"{where}: registered model {name} version {version} holds run "
+                         f"{holds}'s model, not run {info['run_id']}'s (the model was deleted "
+                         f"and registered again?): retrain to register a new version: {retrain}")
+
+
 def set_aliases(client, found_runs: dict, run_infos: dict) -> dict:
     """Point the alias of each compared run's preset at its registered version: the versions
     behind the newest table 19-12 of that preset. Returns name -> (model, version, alias)."""
@@ -104,8 +134,10 @@ def collect(cfg: DictConfig, client) -> dict:
         files.check_shape(test_path, test[name], TEST_RESULT, "rerun evaluate")
         model_dir = project_path(paths.models_dir) / name
         run_infos[name] = runs.read_run_info(model_dir, cfg.dataset)
+        retrain = retrain_command(cfg.dataset, name)
         found_runs[name] = runs.require_run(client, run_infos[name]["run_id"],
-                                            str(model_dir / "run.json"))
+                                            str(model_dir / "run.json"), f"retrain it: {retrain}")
+        check_registered(client, run_infos[name], str(model_dir / "run.json"), retrain)
         check_agreement(name, test[name], found_runs[name], str(test_path))
         ours[name] = test[name]
         label = f"{name} ({test[name]['param_count']} parameters)"

@@ -26,6 +26,12 @@ from pipeline.tracking import runs, store
 log = logging.getLogger(__name__)
 
 
+def retrain_command(dataset: str, name: str) -> str:
+    # Not `dvc repro train@...`: it retrains only if the model folder changed, and a deleted
+    # run leaves it unchanged (run.json is outside its hash).
+    return f"python -m pipeline.stages.train dataset={dataset} model={name}"
+
+
 def evaluate_task(cfg: DictConfig) -> None:
     client = store.connect(cfg.tracking)
     data_dir = project_path(cfg.paths.prepared_dir)
@@ -38,12 +44,13 @@ def evaluate_task(cfg: DictConfig) -> None:
         model_dir = models_dir / name
         run_info = runs.read_run_info(model_dir, cfg.dataset)
         run_id = run_info["run_id"]
-        runs.require_run(client, run_id, str(model_dir / "run.json"))
+        runs.require_run(client, run_id, str(model_dir / "run.json"),
+                         f"retrain it ({retrain_command(cfg.dataset, name)})")
         if run_info.get("data_sha256") != prepared_data.fingerprint(meta):
             raise StageError(f"{model_dir}: trained on {run_info.get('dataset')} data "
                              f"{run_info.get('data_sha256')}, but {data_dir} holds "
                              f"{meta['dataset']} data {prepared_data.fingerprint(meta)}: retrain it")
-        models = scoring.load_rules(model_dir)
+        models = scoring.load_rules(model_dir, retrain_command(cfg.dataset, name))
         results = scoring.score(name, models, images, labels)
         per_model[name] = (run_id, run_info.get("model_id"), results)
         summary[name] = scoring.summary_entry(models["best"].param_count()["total"], results)

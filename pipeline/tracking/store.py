@@ -76,6 +76,31 @@ class _DropLockTracebacks(logging.Filter):
         return not is_lock_error(Exception(record.getMessage()))
 
 
+# SQLite's words for a fault of the machine (not of the code) and what a user does about it.
+# "readonly" is also what SQLite says when the file was deleted or moved while open.
+SQLITE_FAULTS = (
+    ("attempt to write a readonly database", "the tracking store is read-only",
+     "make the file and its folder writable, or set tracking.uri to another store"),
+    ("database or disk is full", "the tracking store's disk is full",
+     "free space on that filesystem, or set tracking.uri to a store on another disk"),
+)
+
+
+def sqlite_fault(uri: str, exc: BaseException) -> str | None:
+    """'<database file>: <what>: <fix>' for a SQLite store's machine fault, else None. (The
+    raw error names no file: a user with several stores cannot tell which one failed.)"""
+    if not str(uri).startswith("sqlite:///"):
+        return None
+    database = Path(str(uri)[len("sqlite:///"):].split("?")[0])
+    for words, what, fix in SQLITE_FAULTS:
+        if words in str(exc):
+            if not database.exists():
+                what = "the tracking store was deleted or moved while in use"
+                fix = "put it back, or rerun the stage to start a new store there"
+            return f"{database}: {what} ({words}): {fix}"
+    return None
+
+
 class StoreUnavailable(StageError):
     """The store has not answered for the whole outage budget: nothing more is sent to it."""
 
@@ -147,7 +172,13 @@ class StoreClient:
                     log.warning("tracking store %s: no answer for %.0f s, giving up on it: %s",
                                 self._client.tracking_uri, self._failing_for,
                                 self._last_error)
-                raise
+                fault = sqlite_fault(self._client.tracking_uri, exc)
+                if fault is None:
+                    raise
+                # Still an MlflowException: the callers' handlers (a run completed later, a
+                # metric buffer that waits) treat it as any store error.
+                from mlflow.exceptions import MlflowException
+                raise MlflowException(fault) from None
             self._failing_for = 0.0
             return result
 
