@@ -5,6 +5,7 @@ checkout's absolute path (a DVC-cached file that did would differ in every clone
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 import yaml
@@ -46,7 +47,10 @@ def checkout(tmp_path, monkeypatch):
     """The project as if it were checked out at tmp_path/checkout: relative paths, the
     default store and the output areas all resolve there."""
     root = tmp_path / "checkout"
-    root.mkdir()
+    for manifest in ROOT.glob("data/raw/*/SHA256SUMS"):  # (prepared data is checked against them)
+        copy = root / manifest.relative_to(ROOT)
+        copy.parent.mkdir(parents=True)
+        shutil.copy2(manifest, copy)
     monkeypatch.setattr(paths, "PROJECT_ROOT", root)
     monkeypatch.delenv("DVC_ROOT", raising=False)
     monkeypatch.setenv(output_paths.ROOTS_ENV, "")
