@@ -140,6 +140,23 @@ def record(client, run_id: str, results: Mapping[str, Evaluation], meta: dict,
     return True
 
 
+def describe_version(client, registered_model: str, version, run) -> None:
+    """A registered version's test results, as tags (the registry's version page shows no
+    metrics) and a description naming the run that trained it (which the page links)."""
+    values, params = run.data.metrics, run.data.params
+    if not all(key in values for key in TEST_METRICS):
+        return
+    for key in TEST_METRICS:
+        client.set_model_version_tag(registered_model, str(version), key, f"{values[key]:.4f}")
+    client.update_model_version(
+        registered_model, str(version),
+        f"Test accuracy {_percent(values[test_metric('acc', 'best')])} with the best parameters "
+        f"(loss {values[test_metric('loss', 'best')]:.4f}), "
+        f"{_percent(values[test_metric('acc', 'last')])} with the last; "
+        f"{int(params.get('param_count', 0)):,} parameters. Trained and tested in run "
+        f"{run.info.run_name} ({run.info.run_id}): {run.data.tags.get('evaluated_on', '?')}.")
+
+
 # ------------------------------------------------------------------------ the run's page
 def _percent(value: float) -> str:
     return f"{100 * value:.2f}%"
@@ -178,7 +195,8 @@ def describe(run) -> str:
             f"`{PER_CLASS_TABLE}`.")
     else:
         lines.append("\nNot tested yet (the evaluate stage adds the test results).")
-    lines.append("\nThe best parameters are logged as the MLflow model `model` "
-                 f"(`runs:/{run.info.run_id}/model`); the resolved configuration is "
+    logged = tags.get(runs.LOGGED_MODEL_TAG, "model")
+    lines.append(f"\nThe best parameters are logged as the MLflow model `{logged}` "
+                 f"(`runs:/{run.info.run_id}/{logged}`); the resolved configuration is "
                  "`config.yaml`, the curves `val_loss`, `val_acc`, `batch_loss`, `lr`.")
     return "\n".join(lines)

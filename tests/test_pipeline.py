@@ -103,7 +103,7 @@ def test_diverging_training_fails_marks_its_run_and_writes_no_model(prepared_dir
     assert not (tmp_path / "metrics").exists()
     client = MlflowClient(f"sqlite:///{db}")
     (failed,) = client.search_runs([client.get_experiment_by_name("birnn-table-19-12").experiment_id])
-    assert failed.info.status == "FAILED" and failed.info.run_name == "uni"
+    assert failed.info.status == "FAILED" and failed.info.run_name == "uni-mnist-seed0"
     assert failed.data.tags["error"] == lines[0].removeprefix("error: ")
 
 
@@ -247,8 +247,8 @@ def test_fashion_mnist_gets_its_own_table_runs_and_registered_models(quick):
         assert run_.info.run_id != training_run(quick, name).info.run_id
         version = client.get_model_version_by_alias(f"birnn-fashion_mnist-{name}", "quick")
         assert version.run_id == run_.info.run_id
-    parent = client.get_run(training_run(quick, "bi", "fashion_mnist").data.tags["mlflow.parentRunId"])
-    assert parent.info.run_name == "table-19-12-fashion_mnist"
+    report = client.get_run(training_run(quick, "bi", "fashion_mnist").data.tags["report_run_id"])
+    assert report.info.run_name == "table-19-12-fashion_mnist"
 
 
 def test_compare_refuses_runs_of_another_dataset(quick, tmp_path):
@@ -268,7 +268,8 @@ def test_training_run_has_every_checkpoint_metric_at_every_step(quick, name, par
     client, run_ = quick["client"], training_run(quick, name)
     history = pd.read_csv(quick["project"] / "metrics" / "mnist" / f"history_{name}.csv")
     assert len(history) == 6  # quick: 3 epochs, a checkpoint every half epoch
-    assert run_.info.status == "FINISHED" and run_.info.run_name == name
+    assert run_.info.status == "FINISHED" and run_.info.run_name == f"{name}-mnist-seed0"
+    assert run_.data.params["dataset"] == "mnist" and run_.data.params["train.seed"] == "0"
     for key in CHECKPOINT_METRICS:
         logged = client.get_metric_history(run_.info.run_id, key)
         assert [m.step for m in logged] == history["iteration"].tolist()
@@ -325,10 +326,11 @@ def test_test_metrics_and_report_equal_the_tracked_metrics(quick):
     assert "Preset `quick`" in markdown
 
 
-def test_report_run_nests_the_training_runs(quick):
+def test_report_run_links_the_training_runs_without_folding_them(quick):
     client = quick["client"]
-    parents = {training_run(quick, n).data.tags["mlflow.parentRunId"] for n in ("uni", "bi")}
-    (parent_id,) = parents
+    trained = [training_run(quick, n) for n in ("uni", "bi")]
+    assert not any("mlflow.parentRunId" in run_.data.tags for run_ in trained)  # top level
+    (parent_id,) = {run_.data.tags["report_run_id"] for run_ in trained}
     parent = client.get_run(parent_id)
     assert parent.info.run_name == "table-19-12-mnist" and parent.info.status == "FINISHED"
     artifacts = {a.path for a in client.list_artifacts(parent_id)}
@@ -346,10 +348,10 @@ def test_descriptions_say_what_each_page_is(quick):
         run_ = training_run(quick, name)
         note = run_.data.tags["mlflow.note.content"]
         accuracy = run_.data.metrics["test_acc_best"]
-        assert note.startswith(f"**{name}**: {'uni' if name == 'uni' else 'bi'}directional")
+        assert note.startswith(f"**{name}-mnist-seed0**: {'uni' if name == 'uni' else 'bi'}directional")
         assert f"Test accuracy {100 * accuracy:.2f}%" in note and "preset `quick`" in note
-        assert f"runs:/{run_.info.run_id}/model" in note
-    report_id = training_run(quick, "uni").data.tags["mlflow.parentRunId"]
+        assert f"MLflow model `{name}-mnist-seed0` (`runs:/{run_.info.run_id}/{name}-mnist-seed0`)" in note
+    report_id = training_run(quick, "uni").data.tags["report_run_id"]
     note = client.get_run(report_id).data.tags["mlflow.note.content"]
     page = (quick["project"] / "reports" / "table_19_12" / "mnist" / "report.md").read_text()
     table = [line for line in page.splitlines() if line.startswith("|")]
@@ -406,7 +408,7 @@ def test_logged_models_predict_the_evaluate_stages_digits(store_as_default):
     images, labels = prepared_data.load(project / "data" / "prepared" / "mnist", "test", meta)
     for name in ("uni", "bi"):
         run_ = training_run(store_as_default, name)
-        digits = mlflow.pyfunc.load_model(f"runs:/{run_.info.run_id}/model").predict(
+        digits = mlflow.pyfunc.load_model(f"runs:/{run_.info.run_id}/{name}-mnist-seed0").predict(
             images_frame(images))
         evaluated = pd.read_csv(project / "metrics" / "mnist" / f"predictions_{name}_best.csv")
         assert np.array_equal(digits, evaluated["predicted"].to_numpy())
@@ -423,7 +425,13 @@ def test_registered_versions_carry_the_presets_alias(quick):
     client = quick["client"]
     for name in ("uni", "bi"):
         version = client.get_model_version_by_alias(f"birnn-mnist-{name}", "quick")
-        assert version.run_id == training_run(quick, name).info.run_id
+        run_ = training_run(quick, name)
+        assert version.run_id == run_.info.run_id
+        # the registry's version page shows tags and the description, not the run's metrics
+        accuracy = run_.data.metrics["test_acc_best"]
+        assert version.tags["test_acc_best"] == f"{accuracy:.4f}"
+        assert version.description.startswith(f"Test accuracy {100 * accuracy:.2f}% with the best")
+        assert f"run {name}-mnist-seed0 ({run_.info.run_id})" in version.description
         assert client.get_registered_model(f"birnn-mnist-{name}").description.startswith(
             f"{'Uni' if name == 'uni' else 'Bi'}directional vanilla RNN")
         with pytest.raises(MlflowException):  # a quick model is no book model
@@ -437,7 +445,7 @@ def test_committed_outputs_hold_nothing_that_changes_on_a_rerun(quick):
     # numbers leaves the committed report and metrics unchanged.
     client, project = quick["client"], quick["project"]
     page = (project / "reports" / "table_19_12" / "mnist" / "report.md").read_text()
-    report_run = client.get_run(training_run(quick, "uni").data.tags["mlflow.parentRunId"])
+    report_run = client.get_run(training_run(quick, "uni").data.tags["report_run_id"])
     for name in ("uni", "bi"):
         run = training_run(quick, name)
         assert run.info.run_id not in page and "train_seconds" in run.data.metrics

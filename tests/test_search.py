@@ -232,7 +232,7 @@ def test_every_trial_is_a_run_under_the_searchs_parent(search, store):
         assert run.data.params["train.epochs"] == "10" and run.data.params["param_count"] == "2170"
         lr, decay, every = sampled(run)
         assert 0.002 <= lr <= 0.05 and 0.1 <= decay <= 1.0 and 0.1 <= every <= 0.5
-        assert run.info.run_name.startswith(f"bi model.lr={run.data.params['model.lr']} ")
+        assert run.info.run_name.startswith(f"bi-mnist-seed0 model.lr={run.data.params['model.lr']} ")
         # The run trained with the derived schedule: its lr curve steps where the rule says.
         rates = {m.value for m in client.get_metric_history(run.info.run_id, "lr")}
         assert rates == {lr, *steps(lr, decay, every, 10).values()}

@@ -84,7 +84,7 @@ def test_every_job_is_one_run_nested_under_the_sweeps_parent(seeds):
         assert run.info.experiment_id == parent.info.experiment_id
         assert run.data.tags["mlflow.source.name"] == "pipeline/stages/train.py"  # not the worker's
         seed = run.data.params["train.seed"]
-        assert run.info.run_name == f"{run.data.tags['model_kind']} train.seed={seed}"
+        assert run.info.run_name == f"{run.data.tags['model_kind']}-mnist-seed{seed}"
 
 
 def test_every_metric_of_every_job_is_there_exactly_once(seeds):

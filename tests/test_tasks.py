@@ -81,7 +81,7 @@ def test_train_task_registers_its_model_and_upgrades_an_older_experiment(task_co
     assert experiment.tags["mlflow.note.content"] == store.EXPERIMENT_DESCRIPTION
     info = json.loads((tmp_path / "models" / "uni" / "run.json").read_text())
     version = client.get_model_version("birnn-mnist-uni", info["model_version"])
-    assert version.run_id == info["run_id"] and info["model_uri"].endswith("/model")
+    assert version.run_id == info["run_id"] and info["model_uri"].endswith("/uni-mnist-seed0")
     assert client.get_logged_model(info["model_id"]).source_run_id == info["run_id"]
 
 

@@ -67,7 +67,9 @@ def test_entry_point_reports_an_unreachable_server_in_one_line_within_seconds():
     assert result.returncode == 1
     lines = error_lines(result)
     assert len(lines) == 1 and lines[0].startswith(f"error: tracking store {uri} is not usable")
-    assert elapsed < 20, elapsed  # interpreter and imports included; MLflow's default: minutes
+    # Interpreter and imports included (25 s once on 2 loaded cores), so the bound is loose;
+    # MLflow's own retries would take minutes. The probe's bound itself: the test above.
+    assert elapsed < 45, elapsed
 
 
 def test_flatten_gives_dotted_params():
@@ -116,17 +118,22 @@ def test_a_failed_run_is_marked_failed_with_the_error(tmp_path):
     assert run.data.tags["model_kind"] == "uni" and run.info.run_name == "uni"
 
 
-def test_adopted_runs_are_nested_under_the_report_run(tmp_path):
+def test_a_report_links_the_runs_it_compared_without_nesting_them(tmp_path):
     client = store.connect(tracking_cfg(f"sqlite:///{tmp_path / 'mlflow.db'}"))
     children = []
     for name in ("uni", "bi"):
         with runs.new_run(client, "tests", name, {}) as run_id:
             children.append(run_id)
-    with runs.new_run(client, "tests", "table-19-12", {}) as parent:
-        runs.adopt_children(client, parent, children)
+    with runs.new_run(client, "tests", "table-19-12", {}) as report:
+        runs.link_report(client, report, children)
     for child in children:
-        assert client.get_run(child).data.tags[runs.PARENT_TAG] == parent
-    assert client.get_run(parent).data.tags[runs.COMPARED_TAG] == ",".join(children)
+        tags = client.get_run(child).data.tags
+        assert tags[runs.REPORT_TAG] == report and runs.PARENT_TAG not in tags  # not folded
+    assert client.get_run(report).data.tags[runs.COMPARED_TAG] == ",".join(children)
+
+
+def test_a_training_run_is_named_by_model_dataset_and_seed():
+    assert runs.training_run_name("bi", "fashion_mnist", 3) == "bi-fashion_mnist-seed3"
 
 
 class FlakyClient:

@@ -208,7 +208,7 @@ def compare_task(cfg: DictConfig) -> None:
         runs.set_description(client, report_run_id, table_19_12.page(
             table, book, context, notes,
             figure_link=lambda f: f"get-artifact?path={f}&run_uuid={report_run_id}", ids=True))
-        runs.adopt_children(client, report_run_id, [r.info.run_id for r in found_runs.values()])
+        runs.link_report(client, report_run_id, [r.info.run_id for r in found_runs.values()])
     log.info("wrote %s/report.md (report run %s)", target, report_run_id)
     print(table_19_12.table_markdown(table))
 

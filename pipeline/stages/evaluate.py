@@ -39,7 +39,7 @@ def evaluate_task(cfg: DictConfig) -> None:
     images, labels = prepared_data.load(data_dir, "test", meta)
     models_dir = project_path(cfg.paths.models_dir)
 
-    summary, per_model = {}, {}
+    summary, per_model, registered = {}, {}, {}
     for name in cfg.models:
         model_dir = models_dir / name
         run_info = runs.read_run_info(model_dir, cfg.dataset)
@@ -53,10 +53,14 @@ def evaluate_task(cfg: DictConfig) -> None:
         models = scoring.load_rules(model_dir, retrain_command(cfg.dataset, name))
         results = scoring.score(name, models, images, labels)
         per_model[name] = (run_id, run_info.get("model_id"), results)
+        registered[name] = (run_info.get("registered_model"), run_info.get("model_version"))
         summary[name] = scoring.summary_entry(models["best"].param_count()["total"], results)
 
     for name, (run_id, model_id, results) in per_model.items():  # tracking first, files last
         scoring.record(client, run_id, results, meta, model_id)
+        registered_model, version = registered[name]
+        if registered_model is not None and version is not None:
+            scoring.describe_version(client, registered_model, version, client.get_run(run_id))
         for rule, ev in results.items():  # (re)drawn: the figure code may have changed
             client.log_figure(run_id, figures.confusion_matrices(
                 {name: ev.confusion}, f"test set, {rule} parameters"),

@@ -85,7 +85,7 @@ def run_params(cfg: DictConfig, counts: dict[str, int], n_train: int, n_val: int
                   in schema.lr_milestones(cfg.model, cfg.train.epochs).items()}
     steps = {f"model.{key}": cfg.model[key] for key in ("lr_decay", "lr_decay_every")
              if cfg.model.get("lr_decay_every") is not None}
-    return {"model.kind": cfg.model.kind, "param_count": counts["total"],
+    return {"model.kind": cfg.model.kind, "param_count": counts["total"], "dataset": cfg.dataset,
             "param_count_by_tensor": json.dumps({k: n for k, n in counts.items() if k != "total"}),
             "hidden_units": sum(chains), "hidden_sizes": "+".join(map(str, chains)),
             "model.lr": cfg.model.lr, "model.lr_milestones": json.dumps(milestones), **steps,
@@ -130,9 +130,12 @@ def log_best_model(client, run_id: str, cfg: DictConfig, model_file, example) ->
     started = time.monotonic()
     name = (REGISTERED_MODEL.format(dataset=cfg.dataset, name=cfg.name)
             if cfg.register_model else None)
-    info = logged_model.log_model(client, run_id, model_file, input_example=example,
-                                  registered_model_name=name, tags={"rule": "best"})
-    found = {"model_id": info.model_id, "model_uri": f"runs:/{run_id}/model"}
+    model_name = runs.training_run_name(cfg.name, cfg.dataset, cfg.train.seed)
+    info = logged_model.log_model(client, run_id, model_file, name=model_name,
+                                  input_example=example, registered_model_name=name,
+                                  tags={"rule": "best"})
+    client.set_tag(run_id, runs.LOGGED_MODEL_TAG, model_name)
+    found = {"model_id": info.model_id, "model_uri": f"runs:/{run_id}/{model_name}"}
     if name is not None:
         if not client.get_registered_model(name).description:
             client.update_registered_model(name, MODEL_DESCRIPTIONS.get(cfg.model.kind, ""))
@@ -261,7 +264,9 @@ def train_task(cfg: DictConfig) -> float:
 
 def _train(client, cfg: DictConfig) -> float:
     inputs = load(cfg)
-    run_name, tags = sweep_job.run_identity(client, cfg.name, run_tags(cfg, inputs.meta))
+    run_name, tags = sweep_job.run_identity(
+        client, runs.training_run_name(cfg.name, inputs.meta["dataset"], cfg.train.seed),
+        run_tags(cfg, inputs.meta))
     with runs.new_run(client, cfg.tracking.experiment_name, run_name, tags,
                       script=__file__) as run_id:
         # Everything run.json needs from the store, asked before training: a store that goes

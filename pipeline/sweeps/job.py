@@ -211,11 +211,13 @@ class Job:
     overrides: tuple[str, ...]  # this job's command-line overrides, e.g. ("model=uni", "train.seed=3")
 
     def run_name(self, name: str, parent) -> str:
-        """'uni train.seed=3': the model, then this job's values of the keys the sweep varies
-        (all its overrides if there is no parent run to say which)."""
+        """'uni-mnist-seed3 model.lr=0.02': ``name`` (which says the model, dataset and seed),
+        then this job's values of the other keys the sweep varies (all its other overrides if
+        there is no parent run to say which)."""
         swept = json.loads(parent.data.tags.get(SWEPT_TAG, "null")) if parent else None
-        shown = [o for o in self.overrides
-                 if override_key(o) != "model" and (swept is None or override_key(o) in swept)]
+        named = ("model", "dataset", "train.seed")
+        shown = [o for o in self.overrides if override_key(o) not in named
+                 and (swept is None or override_key(o) in swept)]
         return " ".join([name, *shown])[:250]
 
     def tags(self, parent) -> dict[str, str]:
@@ -280,7 +282,11 @@ def record_failed_job(cfg: DictConfig, error: str, script: str) -> None:
     experiment = store.experiment_id(client, cfg.tracking.experiment_name)
     kind = str(cfg.model.kind)
     parent = parent_run(client, job)
-    run = client.create_run(experiment, run_name=job.run_name(kind, parent),
+    try:
+        name = runs.training_run_name(kind, cfg.dataset, cfg.train.seed)
+    except Exception:  # the failure may be a value that does not resolve
+        name = kind
+    run = client.create_run(experiment, run_name=job.run_name(name, parent),
                             tags={**runs.source_tags(script), **job.tags(parent),
                                   "stage": "train", "model_kind": kind,
                                   runs.NOTE_TAG: f"Job {job.num} of sweep `{job.sweep_id}`: "

@@ -25,6 +25,8 @@ log = logging.getLogger(__name__)
 
 PARENT_TAG = "mlflow.parentRunId"  # the UI nests a run under the run named here
 COMPARED_TAG = "compared_run_ids"
+LOGGED_MODEL_TAG = "logged_model"  # the name of the run's logged model (runs:/<run id>/<name>)
+REPORT_TAG = "report_run_id"  # a training run's table 19-12 report (a link, not a parent)
 ERROR_TAG = "error"
 CODE_AND_CONFIG = ("birnn", "pipeline", "conf", "dvc.yaml", "params.yaml")
 
@@ -231,11 +233,19 @@ def require_run(client, run_id: str, where: str, retrain: str = "retrain the mod
     return run
 
 
-def adopt_children(client, parent_run_id: str, child_run_ids: list[str]) -> None:
-    """Nest runs under ``parent_run_id`` in the UI (see the module docstring)."""
-    for child in child_run_ids:
-        client.set_tag(child, PARENT_TAG, parent_run_id)
-    client.set_tag(parent_run_id, COMPARED_TAG, ",".join(child_run_ids))
+def training_run_name(name: str, dataset: str, seed) -> str:
+    """'bi-mnist-seed0': what a training run (and its logged model) is called, so that the
+    UI's Run Name column and the Models tab say which model, data and seed."""
+    return f"{name}-{dataset}-seed{seed}"
+
+
+def link_report(client, report_run_id: str, compared_run_ids: list[str]) -> None:
+    """Tag a report run with the runs it compared and each of those with the report. Not
+    nested under it: the UI folds nested runs, and the training runs are what a user
+    compares (the report's description links them)."""
+    for run_id in compared_run_ids:
+        client.set_tag(run_id, REPORT_TAG, report_run_id)
+    client.set_tag(report_run_id, COMPARED_TAG, ",".join(compared_run_ids))
 
 
 def search_runs(client, filter_string: str, experiment_ids: list[str] | None = None) -> list:
