@@ -290,7 +290,7 @@ def test_training_runs_are_comparable_side_by_side(quick):
     # The same names for the same meaning; bi adds its merge; no infrastructure settings.
     assert set(bi.params) - set(uni.params) == {"model.merge"}
     assert set(uni.params) == {
-        "model.kind", "param_count", "param_count_by_tensor", "hidden_units", "hidden_sizes",
+        "model.kind", "dataset", "param_count", "param_count_by_tensor", "hidden_units", "hidden_sizes",
         "model.lr", "model.lr_milestones", "train.epochs", "train.batch_size",
         "train.checkpoint_every", "train.seed", "train.dtype", "train.val_limit",
         "data.train_samples", "data.val_samples"}   # (train_limit: unset, so no param)

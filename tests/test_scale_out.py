@@ -159,7 +159,7 @@ def wait_until(condition, timeout: float, what: str, interval: float = 1.0):
 def test_scancel_and_the_time_limit_end_those_runs_killed_while_the_others_finish(
         cluster, server, prepared_dir, tmp_path):
     """Jobs 1 and 3 train for thousands of epochs, jobs 0 and 2 for one (Hydra's order:
-    uni-1, uni-2000, bi-1, bi-2000). Job 1 is cancelled once its run has a checkpoint; job 3
+    uni-1, uni-20000, bi-1, bi-20000). Job 1 is cancelled once its run has a checkpoint; job 3
     runs into the sweep's one-minute limit. Slurm's time-limit warning (submitit's sbatch
     --signal=USR2@<signal_delay_s>) comes at 50 s, after the job has set its handlers."""
     sweep_dir = tmp_path / "slurm-stopped"
@@ -168,7 +168,7 @@ def test_scancel_and_the_time_limit_end_those_runs_killed_while_the_others_finis
     with open(out, "w") as stdout, open(err, "w") as stderr:
         process = subprocess.Popen(
             sweep_command(prepared_dir, sweep_dir, "model=uni,bi",
-                          "train.epochs=1,2000", "hydra.launcher.timeout_min=1",
+                          "train.epochs=1,20000", "hydra.launcher.timeout_min=1",
                           "hydra.launcher.signal_delay_s=10"),
             env=sweep_env(cluster, server), stdout=stdout, stderr=stderr)
     try:

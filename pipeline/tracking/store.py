@@ -276,16 +276,20 @@ EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
 EXPERIMENT_DESCRIPTION = """\
 Table 19-12 of the book, reproduced: a unidirectional (`uni`) and a bidirectional (`bi`)
 vanilla RNN, numpy from scratch, classifying 28 x 28 images read row by row: MNIST digits,
-as the book, and Fashion-MNIST clothes (the `dataset` column).
+as the book, and Fashion-MNIST clothes (the `dataset` param).
 
-- Each training is a run named after its model; its page says what was trained and how it
-  scored. The DVC pipeline's two runs of a dataset are folded under its report run
+- Seeing traces and token counts? Switch the toggle at the top left from **GenAI** to
+  **Model training** (MLflow remembers it in this browser), then open **Runs**.
+- Each training is a run named `<model>-<dataset>-seed<n>` (`bi-mnist-seed0`); its page
+  says what was trained and how it scored. The DVC pipeline's report of a dataset is the run
   `table-19-12-<dataset>`, whose description is the table itself.
-- To compare: tick `uni` and `bi` and press **Compare** (parameter counts side by side,
-  validation curves overlaid), or open the **Chart** view.
+- To compare: tick `uni-mnist-seed0` and `bi-mnist-seed0` and press **Compare** (parameter
+  counts side by side, validation curves overlaid). In the runs table, **Columns** adds
+  `param_count` and `test_acc_best` (MLflow shows no metric or param column until asked).
 - Test accuracy: `test_acc_best` (parameters of the lowest validation loss) and
-  `test_acc_last` (after the final update). Each run logs its model (`model`); single runs
-  register it as `birnn-<dataset>-uni` / `birnn-<dataset>-bi` (Models tab).
+  `test_acc_last` (after the final update). Each run logs its model under the run's name;
+  single runs register it as `birnn-<dataset>-uni` / `birnn-<dataset>-bi` (Model registry:
+  each version's description and tags hold its test results).
 - A sweep is a parent run `sweep <id>` with its jobs folded under it.
 """
 
