@@ -10,7 +10,8 @@ in the composed config, is refused before anything is written (pipeline.credenti
 sweep job (``-m``) of a stage that passes ``on_job_failure``, a
 failure is printed as ``error: job <n>: <what>``, recorded and not raised, so that the other
 jobs carry on; the sweep's end hook (pipeline.sweeps.callback) then names the failed jobs and
-exits non-zero.
+exits non-zero. Without that hook (hydra.callbacks removed) the failure, recorded, is raised:
+Hydra's sweeper then ends the sweep with it, exit 1.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig
 
 from pipeline import credentials, files, interrupts, output_paths, schema
-from pipeline.errors import exit_with_error, is_expected, one_line
+from pipeline.errors import StageError, exit_with_error, is_expected, one_line
 from pipeline.paths import CONF_DIR
 
 Task = Callable[[DictConfig], "float | None"]
@@ -52,6 +53,8 @@ def _reported() -> Iterator[None]:
 
 
 HYDRA_DIRS = ("hydra.run.dir", "hydra.sweep.dir", "hydra.sweep.subdir")
+# The end hook that reports a sweep's failed jobs (conf/train.yaml, hydra.callbacks).
+SWEEP_END_HOOK = "pipeline.sweeps.callback.SweepCallback"
 # MLflow logs a store error with its SQL statement and a traceback before it raises it; the
 # raised error is what the stage reports, in one line (a read-only mlflow.db, say).
 QUIET_LOGGERS = ("mlflow.store.db.utils",)
@@ -119,6 +122,7 @@ def _job_failure_recorded(cfg: DictConfig, on_job_failure: JobFailureHandler,
         yield
     except interrupts.Terminated as exc:
         if not slurm_job:
+            interrupts.exit_if_orphaned()
             raise
         # Slurm stopped this job (scancel, its time limit): its run ended KILLED. The job
         # returns, as a failed one does, so that submitit records a result and the sweep's
@@ -132,12 +136,21 @@ def _job_failure_recorded(cfg: DictConfig, on_job_failure: JobFailureHandler,
         num = HydraConfig.get().job.num
         if not expected:  # a bug: keep its traceback, in the job's log
             logging.getLogger(__name__).exception("job %s failed", num)
-        print(f"error: job {num}: {error}", file=sys.stderr, flush=True)
+        reported_at_end = _has_sweep_end_hook()
+        if reported_at_end:
+            print(f"error: job {num}: {error}", file=sys.stderr, flush=True)
         try:
             on_job_failure(cfg, error)
         except Exception as record_exc:  # the store itself may be what failed
             print(f"error: job {num}: could not record the failure: {one_line(record_exc)}",
                   file=sys.stderr, flush=True)
+        if not reported_at_end:  # no end hook would say so: the sweep must fail, Hydra's way
+            raise StageError(f"job {num}: {error}") from None
+
+
+def _has_sweep_end_hook() -> bool:
+    callbacks = HydraConfig.get().get("callbacks") or {}
+    return any(callback.get("_target_") == SWEEP_END_HOOK for callback in callbacks.values())
 
 
 def stage(config_name: str, on_job_failure: JobFailureHandler | None = None,
@@ -156,6 +169,8 @@ def stage(config_name: str, on_job_failure: JobFailureHandler | None = None,
             slurm_job = in_sweep and interrupts.in_slurm_job()
             if slurm_job:  # after submitit's own handlers, which ignore SIGTERM
                 interrupts.install_slurm_job_handlers()
+            elif in_sweep:
+                interrupts.exit_with_parent()
             if in_sweep and on_job_failure is not None:
                 with _job_failure_recorded(cfg, on_job_failure, slurm_job):
                     schema.validate(cfg)
@@ -180,7 +195,10 @@ def stage(config_name: str, on_job_failure: JobFailureHandler | None = None,
                 credentials.check_config_files(
                     [config_dir, *credentials.extra_config_dirs(sys.argv[1:])])
                 check_hydra_dirs(sys.argv[1:])
-                return hydra_app()
+                interrupts.mark_sweep_process()
+                objective = hydra_app()
+                interrupts.raise_if_lost()  # a stop signal must not end in exit 0
+                return objective
 
         return main
 

@@ -15,6 +15,7 @@ import os
 import signal
 import sys
 import threading
+import time
 from typing import Callable, NoReturn
 
 from pipeline.errors import one_line
@@ -39,6 +40,8 @@ class Terminated(KeyboardInterrupt):
 
 _deferring = 0  # > 0 while a tracking-store call runs (see deferred())
 _pending: int | None = None
+_received: int | None = None  # the first stop signal: the command ends for it (raise_if_lost)
+_stopping = False  # the hooks run: the command is ending
 
 
 def _raise_for(signum: int) -> None:
@@ -48,11 +51,34 @@ def _raise_for(signum: int) -> None:
 
 
 def _raise_terminated(signum: int, frame) -> None:
-    global _pending
-    if _deferring:
-        _pending = signum
+    global _pending, _received
+    if _received is None:
+        _received = signum
+    # Already stopping (a KeyboardInterrupt is being handled: a run is being ended KILLED):
+    # another signal (Ctrl-C twice) would cut that clean-up short. The first one's code stands.
+    if _stopping or isinstance(sys.exc_info()[1], KeyboardInterrupt):
         return
-    _raise_for(signum)
+    if _deferring:
+        _pending = _received
+        return
+    _raise_for(_received)
+
+
+def raise_if_lost() -> None:
+    """Raise the stop signal received, if any, at a point where a run would end FINISHED or
+    the command exit 0. Its KeyboardInterrupt may have been raised where Python drops
+    exceptions (a finaliser or weakref callback, as SQLAlchemy's during MLflow's model
+    logging: "Exception ignored in ...") or in code that catches BaseException."""
+    if _received is not None:
+        _raise_for(_received)
+
+
+_unraisable_hook = sys.unraisablehook
+
+
+def _quiet_unraisable(unraisable) -> None:  # a dropped stop signal: raise_if_lost reports it
+    if not isinstance(unraisable.exc_value, KeyboardInterrupt):
+        _unraisable_hook(unraisable)
 
 
 @contextlib.contextmanager
@@ -74,13 +100,66 @@ def deferred():
 def install_signal_handlers() -> None:
     """SIGTERM and SIGHUP raise :class:`Terminated` in the main thread. A signal the process
     was started ignoring (``nohup`` ignores SIGHUP) stays ignored."""
+    global _received, _pending, _stopping, _unraisable_hook
     if threading.current_thread() is not threading.main_thread():
         return
+    _received = _pending = None
+    _stopping = False
     for signum in HANDLED_SIGNALS:
         if signal.getsignal(signum) is not signal.SIG_IGN:
             signal.signal(signum, _raise_terminated)
     if signal.getsignal(signal.SIGINT) is signal.default_int_handler:  # Ctrl-C: deferrable too
         signal.signal(signal.SIGINT, _raise_terminated)
+    if sys.unraisablehook is not _quiet_unraisable:
+        _unraisable_hook, sys.unraisablehook = sys.unraisablehook, _quiet_unraisable
+
+
+SWEEP_PROCESS_ENV = "BIRNN_SWEEP_PROCESS"  # the pid of the command that launches sweep jobs
+
+
+def mark_sweep_process() -> None:
+    """Before a stage's Hydra app: the processes it starts (a sweep's workers) know it."""
+    os.environ[SWEEP_PROCESS_ENV] = str(os.getpid())
+
+
+_watching = False
+_orphaned = False
+
+
+def exit_with_parent(poll_seconds: float = 0.5, grace_seconds: float = 20) -> None:
+    """In a sweep job that runs in a worker process the command started itself (joblib's
+    loky workers): when the command dies (``kill -9``), stop the job as SIGTERM would (its run
+    ends KILLED; then :func:`exit_if_orphaned`), and end the worker after ``grace_seconds``
+    regardless. Loky does neither: the worker trains on, then waits forever for its next job,
+    holding the command's terminal or pipe, and with it loky's resource trackers. Anywhere
+    else (a single run; a Slurm, Ray or submitit job, whose parent is not the command) it does
+    nothing."""
+    global _watching
+    try:
+        parent = int(os.environ.get(SWEEP_PROCESS_ENV, ""))
+    except ValueError:
+        return
+    if _watching or parent == os.getpid() or os.getppid() != parent:
+        return
+    _watching = True
+    install_signal_handlers()
+
+    def watch() -> None:
+        global _orphaned
+        while os.getppid() == parent:
+            time.sleep(poll_seconds)
+        _orphaned = True
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(grace_seconds)
+        os._exit(128 + signal.SIGTERM)
+
+    threading.Thread(target=watch, name="exit-with-parent", daemon=True).start()
+
+
+def exit_if_orphaned() -> None:
+    """Once a stopped job has ended its run: exit now if the command that ran it is gone."""
+    if _orphaned:
+        os._exit(128 + signal.SIGTERM)
 
 
 def in_slurm_job() -> bool:
@@ -149,6 +228,8 @@ def on_interrupt(hook: Hook) -> None:
 
 
 def run_hooks_and_exit(reason: BaseException) -> NoReturn:
+    global _stopping
+    _stopping = True  # from here on, a stop signal is ignored: the hooks end the runs
     lines = []
     for hook in _hooks:
         try:

@@ -9,20 +9,23 @@ training of a few samples, metrics sent at every checkpoint so that the test see
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
 import subprocess
 import sys
 import time
+import weakref
 from pathlib import Path
 
 import pytest
 from mlflow.tracking import MlflowClient
 from omegaconf import OmegaConf
 
-from pipeline.tracking import stale_runs, store
-from pipeline_testkit import clean_env, run
+from pipeline import interrupts
+from pipeline.tracking import runs, stale_runs, store
+from pipeline_testkit import TINY, clean_env, run
 
 LONG = ("experiment=quick", "train.epochs=1000", "train.train_limit=500", "train.val_limit=100",
         "train.batch_size=100", "tracking.flush_every_seconds=0")
@@ -234,22 +237,154 @@ def test_sigterm_to_a_sweep_ends_its_runs_and_its_workers(prepared_dir, tmp_path
     assert group_gone(process.pid), "processes of the sweep are left"
 
 
-def test_a_stop_signal_waits_for_the_tracking_store_call_in_progress():
-    # Raised in the middle of a store call, the interrupt could leave a SQLite write
-    # transaction open, and ending the run KILLED would then wait on its lock.
-    from pipeline import interrupts
-
+@pytest.fixture
+def stop_signal_handlers(monkeypatch):
+    """The stages' handlers in this process, for one test; then the previous ones again."""
     handled = (signal.SIGTERM, signal.SIGHUP, signal.SIGINT)
     previous = {signum: signal.getsignal(signum) for signum in handled}
+    for name in ("_received", "_pending", "_stopping"):  # restored after the test
+        monkeypatch.setattr(interrupts, name, getattr(interrupts, name))
+    monkeypatch.setattr(sys, "unraisablehook", sys.unraisablehook)
     interrupts.install_signal_handlers()
+    yield
+    for signum, handler in previous.items():
+        signal.signal(signum, handler)
+
+
+def test_a_stop_signal_waits_for_the_tracking_store_call_in_progress(stop_signal_handlers):
+    # Raised in the middle of a store call, the interrupt could leave a SQLite write
+    # transaction open, and ending the run KILLED would then wait on its lock.
+    finished = []
+    with pytest.raises(interrupts.Terminated):
+        with interrupts.deferred():
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(0.2)  # the handler has run by now, and held the signal
+            finished.append(True)
+    assert finished == [True]
+
+
+def test_a_stop_signal_python_drops_still_ends_the_run_killed(stop_signal_handlers, tmp_path,
+                                                               capfd):
+    # During MLflow's model logging a signal can arrive while a weakref callback of
+    # SQLAlchemy runs: Python prints the KeyboardInterrupt raised there ("Exception ignored
+    # in ...") and drops it, and the run went on to end FINISHED, exit 0.
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+
+    class Collected:
+        pass
+
+    def signalled_while_collected(ref) -> None:
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(0.2)  # the handler raises here, inside the callback
+
+    with pytest.raises(interrupts.Terminated):
+        with runs.new_run(client, "tests", "uni", {}) as run_id:
+            collected = Collected()
+            watcher = weakref.ref(collected, signalled_while_collected)
+            del collected  # the callback runs; its exception is dropped
+            assert watcher() is None
+    ended = client.get_run(run_id)
+    assert ended.info.status == "KILLED" and ended.data.tags["error"] == "terminated (SIGTERM)"
+    assert "Exception ignored" not in capfd.readouterr().err
+
+
+def test_a_second_stop_signal_does_not_cut_the_clean_up_short(stop_signal_handlers, tmp_path):
+    # Ctrl-C twice: the second arrived while the first one's clean-up ended the run KILLED,
+    # and left it RUNNING.
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+
+    class SignalledDuringCleanUp(MlflowClient):
+        def set_tag(self, *args, **kwargs):
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.2)  # the handler has run by now
+            return super().set_tag(*args, **kwargs)
+
+    with pytest.raises(KeyboardInterrupt):
+        with runs.new_run(SignalledDuringCleanUp(client.tracking_uri), "tests", "uni",
+                          {}) as run_id:
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(5)
+    ended = client.get_run(run_id)
+    assert ended.info.status == "KILLED" and ended.data.tags["error"] == "interrupted"
+
+
+def test_a_stop_signal_during_model_logging_ends_the_run_killed(prepared_dir, tmp_path):
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    command = [sys.executable, "-m", "pipeline.stages.train", *TINY,
+               f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}",
+               f"paths.prepared_dir={prepared_dir}", f"paths.models_dir={tmp_path / 'models'}",
+               f"paths.metrics_dir={tmp_path / 'metrics'}"]
+    process = subprocess.Popen(command, cwd=tmp_path, env=clean_env(), text=True,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                               start_new_session=True, preexec_fn=default_stop_signals)
     try:
-        finished = []
-        with pytest.raises(interrupts.Terminated):
-            with interrupts.deferred():
-                os.kill(os.getpid(), signal.SIGTERM)
-                time.sleep(0.2)  # the handler has run by now, and held the signal
-                finished.append(True)
-        assert finished == [True]
+        deadline = time.monotonic() + 120
+        while True:  # the tag set just before the model is logged
+            experiments = [e.experiment_id for e in client.search_experiments()]
+            found = client.search_runs(experiments, "tags.metric_logging_seconds != ''") \
+                if experiments else []
+            if found:
+                break
+            assert process.poll() is None, process.communicate()[1][-3000:]
+            assert time.monotonic() < deadline, "training did not end"
+            time.sleep(0.05)
+        process.send_signal(signal.SIGTERM)
+        _, stderr = process.communicate(timeout=60)
     finally:
-        for signum, handler in previous.items():
-            signal.signal(signum, handler)
+        stop_group(process)
+    assert process.returncode == 143, stderr[-3000:]
+    assert [line for line in stderr.splitlines() if line.strip()] == \
+        ["error: terminated (SIGTERM)"]
+    assert client.get_run(found[0].info.run_id).info.status == "KILLED"
+
+
+def test_two_quick_sigints_end_the_run_killed_with_the_first_ones_code(prepared_dir, tmp_path):
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    process = start(tmp_path, prepared_dir)
+    try:
+        (running,) = training_runs(client, 1, process)
+        process.send_signal(signal.SIGINT)
+        time.sleep(0.001)
+        process.send_signal(signal.SIGINT)
+        _, stderr = process.communicate(timeout=60)
+    finally:
+        stop_group(process)
+    assert process.returncode == 130, stderr[-3000:]
+    assert [line for line in stderr.splitlines() if line.strip()] == ["error: interrupted"]
+    assert client.get_run(running.info.run_id).info.status == "KILLED"
+
+
+def process_gone(pid: int, timeout: float) -> bool:
+    """Whether ``pid`` exited (a zombie nobody reaps counts) within ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        except (FileNotFoundError, ProcessLookupError):
+            return True
+        if state == "Z":
+            return True
+        time.sleep(0.1)
+    return False
+
+
+def test_sweep_workers_exit_when_the_sweep_process_is_killed(prepared_dir, tmp_path):
+    # kill -9 of a joblib sweep's process: its workers trained on, then waited forever for
+    # their next job, keeping loky's resource trackers alive and the command's stderr open
+    # (a `| tee` reading it never ended).
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    process = start(tmp_path, prepared_dir, "-m", "hydra/launcher=joblib",
+                    "hydra.launcher.n_jobs=2", "model=uni,bi",
+                    f"hydra.sweep.dir={tmp_path / 'multirun' / 'orphans'}")
+    try:
+        jobs = training_runs(client, 2, process)
+        workers = [int(job.data.tags[stale_runs.PID_TAG]) for job in jobs]
+        process.send_signal(signal.SIGKILL)
+        killed = time.monotonic()
+        process.communicate(timeout=30)  # EOF: nothing holds its stderr any longer
+        assert all(process_gone(pid, 30 - (time.monotonic() - killed)) for pid in workers)
+    finally:
+        with contextlib.suppress(ProcessLookupError):  # the workers, if they are left
+            os.killpg(process.pid, signal.SIGKILL)
+    # Each worker ended its own job's run.
+    assert {r.info.status for r in sweep_runs(client, "job")} == {"KILLED"}

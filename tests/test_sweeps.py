@@ -259,6 +259,17 @@ def test_a_sweep_with_failed_jobs_exits_1_naming_them(failing):
     assert parent.data.metrics["jobs_failed"] == 3
 
 
+def test_a_sweep_without_its_end_hook_exits_1_when_a_job_failed(workspace):
+    # hydra.callbacks removed: no end hook names the failed job, and the sweep exited 0.
+    result, sweep_id, _ = run_sweep(workspace, "no-end-hook", "~hydra.callbacks.sweep",
+                                    "model=bi", "model.hidden_bwd=20,10")
+    assert result.returncode == 1, result.stderr[-3000:]
+    assert error_lines(result)[-1] == ("error: job 1: config error: model.hidden_bwd: must "
+                                       "equal model.hidden_fwd (20) for merge 'sum', got 10")
+    jobs = by_job(runs_of(workspace["client"], sweep_id, "job"))
+    assert {num: run.info.status for num, run in jobs.items()} == {0: "FINISHED", 1: "FAILED"}
+
+
 # ----------------------------------------------------------------------------- bad input
 def test_a_sweep_of_one_model_gets_its_runs_table_without_a_comparison(failing, workspace):
     # A sweep of one model is half of a comparison (e.g. the study's one-cell sweeps): its

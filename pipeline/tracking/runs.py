@@ -15,6 +15,7 @@ from typing import Any, Iterator, Mapping
 
 from omegaconf import DictConfig, OmegaConf
 
+from pipeline import interrupts
 from pipeline.errors import StageError, one_line
 from pipeline.files import read_json
 from pipeline.paths import PROJECT_ROOT
@@ -94,6 +95,7 @@ def new_run(client, experiment: str, run_name: str, tags: Mapping[str, str],
     log.info("MLflow run %s (%s) in experiment %r", run_id, run_name, experiment)
     try:
         yield run_id
+        interrupts.raise_if_lost()  # a stop signal that Python dropped on the way
     except KeyboardInterrupt as exc:
         end_killed(client, run_id, str(exc) or "interrupted")
         raise
