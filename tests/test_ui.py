@@ -55,7 +55,7 @@ def ui(tmp_path_factory):
         shots.mkdir()
         print(f"\nscreenshots: {shots}")
         yield {"url": url, "client": client, "runs": runs, "shots": shots, "project": project,
-               "report": client.get_run(runs["uni"]).data.tags["mlflow.parentRunId"],
+               "report": client.get_run(runs["uni"]).data.tags["report_run_id"],
                "experiment_id": client.get_experiment_by_name(EXPERIMENT).experiment_id}
     print(f"ui tests: {time.monotonic() - started:.0f} s in all")
 
@@ -125,32 +125,72 @@ def wait_for_cells(page, run_name: str, column: str) -> dict[str, str]:
         time.sleep(0.2)
 
 
-def test_make_ui_link_opens_the_runs_nested_under_their_report(ui, page):
-    # (No saved view of the comparison's columns any more: MLflow keeps one in an internal
-    # experiment tag whose format changes between minor releases. Parameter counts side by
-    # side: the compare page, next test.)
+def dismiss_tip(page) -> None:
+    """MLflow's "Detect Issues" tip on its GenAI pages: a popover that takes the clicks."""
+    from playwright.sync_api import TimeoutError as PlaywrightTimeout
+
+    try:
+        page.get_by_role("button", name="Got it").first.click(timeout=5_000)
+    except PlaywrightTimeout:
+        pass   # (not shown, or a later MLflow without it)
+
+
+def add_column(page, name: str) -> None:
+    """Columns -> search -> tick ``name``, as a user adds a metric or param column."""
+    page.get_by_role("button", name="Columns").first.click()
+    page.get_by_placeholder("Search columns").fill(name)
+    page.get_by_role("dialog").get_by_text(name, exact=True).first.click()
+    page.keyboard.press("Escape")
+
+
+def test_the_front_door_lands_on_the_training_runs(ui, page):
+    # Where a user starts: the UI's home page, then Experiments -> the experiment. MLflow
+    # 3.17 opens experiments on its GenAI pages until the browser's Model training switch is
+    # set; the experiment's description says so on the page it lands on.
     client = ui["client"]
-    url = compare.runs_page_url(client, EXPERIMENT, base=ui["url"])   # what `make ui` prints
-    page.goto(url, wait_until="networkidle")
+    page.goto(f"{ui['url']}/", wait_until="networkidle")
     close_assistant(page)
+    # (The list's link; a stale breadcrumb may also be named after the experiment.)
+    experiment_link = page.locator(f"a[href='#/experiments/{ui['experiment_id']}']",
+                                   has_text=EXPERIMENT).first
+    page.get_by_role("link", name="Experiments").first.click()
+    experiment_link.click()
+    page.get_by_text("Switch the toggle at the top left").first.wait_for()  # its first line
+    dismiss_tip(page)
+    page.get_by_text("Model training", exact=True).first.click()   # opens the runs
+    page.get_by_role("heading", name="Runs", exact=True).wait_for()
+    # ... and the browser remembers it: from the Experiments list again, the runs.
+    page.get_by_role("link", name="Experiments").first.click()
+    page.wait_for_function("location.hash.split('?')[0] === '#/experiments'")
+    experiment_link.click()
     page.get_by_role("heading", name="Runs", exact=True).wait_for()   # not the GenAI pages
     assert page.get_by_text("Detect Issues").count() == 0
-    page.get_by_text("Table 19-12 of the book, reproduced").first.wait_for()
-    # One report run per dataset, the training runs folded under it: unfold MNIST's.
-    page.locator(".ag-row", has_text="table-19-12-fashion_mnist").first.wait_for()
-    page.locator(".ag-row", has_text="table-19-12-mnist").locator("button").first.click()
+    # The pipeline's training runs at the top level, named for model, dataset and seed, with
+    # their data and registered model: nothing to unfold.
     for name in ("uni", "bi"):
-        cells = wait_for_cells(page, name, "attributes.`Models`")
+        cells = wait_for_cells(page, f"{name}-mnist-seed0", "attributes.`Models`")
         assert cells["attributes.`Models`"].split() == [f"birnn-mnist-{name}", "v1"], cells
+        assert cells["attributes.`Dataset`"].startswith("mnist-train"), cells
+    for column in ("param_count", "test_acc_best"):
+        add_column(page, column)
+    for name in ("uni", "bi"):
+        run_ = client.get_run(ui["runs"][name])
+        cells = wait_for_cells(page, f"{name}-mnist-seed0", "metrics.`test_acc_best`")
+        assert cells["params.`param_count`"] == run_.data.params["param_count"], cells
+        assert float(cells["metrics.`test_acc_best`"]) == pytest.approx(
+            run_.data.metrics["test_acc_best"], abs=1e-4), cells
     page.screenshot(path=ui["shots"] / "runs.png")
+    # `make ui`'s link lands there too.
+    page.goto(compare.runs_page_url(client, EXPERIMENT, base=ui["url"]), wait_until="networkidle")
+    page.get_by_role("heading", name="Runs", exact=True).wait_for()
+    wait_for_cells(page, "bi-mnist-seed0", "attributes.`Models`")
 
 
 def test_compare_page_shows_both_parameter_counts(ui, page):
     page.goto(compare.runs_page_url(ui["client"], EXPERIMENT, base=ui["url"]),
               wait_until="networkidle")
     close_assistant(page)
-    page.locator(".ag-row", has_text="table-19-12-mnist").locator("button").first.click()
-    for name in ("uni", "bi"):   # tick the two runs, as a user does
+    for name in ("uni-mnist-seed0", "bi-mnist-seed0"):   # tick the two runs, as a user does
         page.locator(".ag-row a", has_text=name).first.wait_for()
         row_id = page.evaluate("""name => [...document.querySelectorAll('.ag-row')].find(row =>
             [...row.querySelectorAll('a')].some(a => a.innerText.trim() === name))
@@ -165,6 +205,15 @@ def test_compare_page_shows_both_parameter_counts(ui, page):
     assert "2282" in row.inner_text() and "2170" in row.inner_text()
     row.scroll_into_view_if_needed()
     page.screenshot(path=ui["shots"] / "compare.png")
+
+
+def test_registered_version_page_shows_its_test_results_and_run(ui, page):
+    page.goto(f"{ui['url']}/#/models/birnn-mnist-bi/versions/1", wait_until="networkidle")
+    close_assistant(page)
+    accuracy = ui["client"].get_run(ui["runs"]["bi"]).data.metrics["test_acc_best"]
+    page.get_by_text(f"Test accuracy {100 * accuracy:.2f}% with the best parameters").first.wait_for()
+    page.get_by_role("link", name="bi-mnist-seed0").first.wait_for()   # Source Run
+    page.screenshot(path=ui["shots"] / "version.png")
 
 
 def test_report_run_page_shows_table_19_12_with_its_figures(ui, page):

@@ -274,12 +274,13 @@ def connect(tracking: DictConfig, close_stale: bool = True) -> StoreClient:
 # decides by a switch kept in the browser instead: the link `make ui` prints sets it).
 EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
 EXPERIMENT_DESCRIPTION = """\
+**Seeing traces and tokens?** Switch the toggle at the top left from **GenAI** to **Model
+training** (this browser remembers it): the training runs are there.
+
 Table 19-12 of the book, reproduced: a unidirectional (`uni`) and a bidirectional (`bi`)
 vanilla RNN, numpy from scratch, classifying 28 x 28 images read row by row: MNIST digits,
 as the book, and Fashion-MNIST clothes (the `dataset` param).
 
-- Seeing traces and token counts? Switch the toggle at the top left from **GenAI** to
-  **Model training** (MLflow remembers it in this browser), then open **Runs**.
 - Each training is a run named `<model>-<dataset>-seed<n>` (`bi-mnist-seed0`); its page
   says what was trained and how it scored. The DVC pipeline's report of a dataset is the run
   `table-19-12-<dataset>`, whose description is the table itself.
