@@ -149,7 +149,7 @@ def test_a_killed_process_s_run_is_ended_by_the_stale_runs_command(prepared_dir,
     assert [r.info.run_id for r in stale_runs.find_stale_runs(client)] == [run_id]
     command = [sys.executable, "-m", "pipeline.commands.close_stale_runs", "--tracking-uri", db]
     closed = run(command, cwd=tmp_path, timeout=60)
-    assert closed.returncode == 0 and f"{run_id} 'uni' (pid {process.pid}): ended KILLED" \
+    assert closed.returncode == 0 and f"{run_id} 'uni-mnist-seed0' (pid {process.pid}): ended KILLED" \
         in closed.stdout, closed.stderr
     ended = client.get_run(run_id)
     assert ended.info.status == "KILLED"

@@ -142,6 +142,9 @@ def test_page_lists_the_failed_job_and_the_books_rows():
     metrics = page.parent_metrics(summary, diffs)
     assert metrics["uni.test_acc_best.mean"] == pytest.approx(sum(UNI) / 3)
     assert not any(math.isnan(v) for v in metrics.values())
+    assert len(metrics) <= page.PARENT_METRICS_MAX   # with the sweep's own four: ten
+    assert list(metrics)[:3] == ["bi-uni.test_acc_best.diff", "bi-uni.test_acc_best.low",
+                                 "bi-uni.test_acc_best.high"]
 
 
 def test_an_inconclusive_verdict_says_how_many_seeds_would_settle_it():

@@ -191,6 +191,11 @@ def test_report_page_figure_and_parent_run(report, seeds):
     assert parent.data.metrics["uni.test_acc_best.mean"] == pytest.approx(
         summary.loc["uni", "test_acc_best_mean"])
     assert "bi-uni.test_acc_best.low" in parent.data.metrics
+    assert len(parent.data.metrics) <= 10   # the rest is in the artifacts: ten charts, not fifty
+    # Its description holds the verdict and the figure (from the run's artifacts).
+    figure = f"get-artifact?path=report/per_seed.png&run_uuid={parent.info.run_id}"
+    note = parent.data.tags["mlflow.note.content"]
+    assert verdict in note and f"]({figure})" in note and "once they are done" not in note
 
 
 def test_a_report_of_other_runs_never_replaces_a_committed_one(report, seeds, workspace):

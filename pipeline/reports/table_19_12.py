@@ -133,7 +133,7 @@ def page(table: pd.DataFrame, book: dict, context: dict, notes_text: str,
         where = f"runs {runs};\nthis report's run `{context['report_run']}`"
         checkpoints = context["best_checkpoints_timed"]
     else:
-        where = f"the runs under the report run `{context['report_name']}`"
+        where = f"the runs that the report run `{context['report_name']}` links"
         checkpoints = context["best_checkpoints"]
     figures = "\n\n".join(f"![{alt}]({figure_link(name)})" for name, alt in FIGURES.items())
     warnings = formatting.reference_warnings([context["preset"]], context["dataset"])

@@ -12,7 +12,7 @@ import math
 
 import pandas as pd
 
-from pipeline.metric_names import TEST_METRICS
+from pipeline.metric_names import test_metric
 from pipeline.reports import formatting
 from pipeline.sweeps.statistics import KIND_ORDER
 
@@ -228,22 +228,42 @@ configuration), `differences.csv` (bi minus uni).
 """
 
 
+PARENT_METRICS_MAX = 6  # with the sweep's own four (callback.py): ten charts on the parent
+
+
 def parent_metrics(summary: pd.DataFrame, diffs: pd.DataFrame) -> dict[str, float]:
-    """The report's numbers as metrics of the sweep's parent run, e.g. ``uni.test_acc_best.mean``,
-    ``bi-uni.test_acc_best.low`` (labels with characters MLflow refuses get '_')."""
+    """The headline as metrics of the sweep's parent run: each bi - uni difference in test
+    accuracy (best parameters) with its interval (``bi-uni.test_acc_best.diff``, ``.low``,
+    ``.high``), then each configuration's mean (``uni.test_acc_best.mean``), the first
+    PARENT_METRICS_MAX of them; every number is in the report's summary.csv and
+    differences.csv. (Labels with characters MLflow refuses get '_'.)"""
     def key(text: str) -> str:
         return "".join(c if c.isalnum() or c in "_-. /:" else "_" for c in text)
 
+    metric = test_metric("acc", "best")
     metrics = {}
-    for _, row in summary.iterrows():
-        for metric in TEST_METRICS:
-            for field in ("mean", "std", "min", "max"):
-                value = row[f"{metric}_{field}"]
-                if not math.isnan(value):
-                    metrics[key(f"{row['configuration']}.{metric}.{field}")] = value
-        metrics[key(f"{row['configuration']}.seeds")] = row["seeds"]
     for _, pair in diffs.iterrows():
-        for metric in TEST_METRICS:
-            for field in ("diff", "low", "high"):
-                metrics[key(f"{pair['bi']}-{pair['uni']}.{metric}.{field}")] = pair[f"{metric}_{field}"]
-    return metrics
+        for field in ("diff", "low", "high"):
+            metrics[key(f"{pair['bi']}-{pair['uni']}.{metric}.{field}")] = pair[f"{metric}_{field}"]
+    for _, row in summary.iterrows():
+        if not math.isnan(row[f"{metric}_mean"]):
+            metrics[key(f"{row['configuration']}.{metric}.mean")] = row[f"{metric}_mean"]
+    return dict(list(metrics.items())[:PARENT_METRICS_MAX])
+
+
+def parent_description(sweep_id: str, command: str, jobs: int, diffs: pd.DataFrame,
+                       summary: pd.DataFrame, figure_link: str) -> str:
+    """The sweep parent run's description once its report ran: the verdicts (or the means),
+    the per-seed figure (``figure_link``: a URL the UI loads), where the rest is."""
+    if len(diffs):
+        result = "\n".join(f"- {verdict(pair)}" for _, pair in diffs.iterrows())
+    else:
+        metric = test_metric("acc", "best")
+        result = "\n".join(f"- `{row['configuration']}`: mean test accuracy (best parameters) "
+                           f"{100 * row[f'{metric}_mean']:.2f}% over {row['seeds']} seeds"
+                           for _, row in summary.iterrows())
+    return (f"Sweep `{sweep_id}`: `{command}`, {jobs} jobs, each a training run folded under "
+            f"this one.\n\n**Result**\n\n{result}\n\n"
+            f"![Test accuracy and loss of every seed]({figure_link})\n\n"
+            "The whole report: `report/report.md`; every number: `report/summary.csv`, "
+            "`report/differences.csv`, `report/runs.csv` (Artifacts).")

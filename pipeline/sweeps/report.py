@@ -101,6 +101,12 @@ def write_files(folder: Path, text: str, jobs, summary, diffs, figure) -> None:
     figures.save_png(figure, folder / "per_seed.png")
 
 
+def artifact_link(run_id: str, path: str) -> str:
+    """A run artifact's URL relative to the UI, as its own artifact viewer loads them: a
+    figure in a run's description renders with it."""
+    return f"get-artifact?path={path}&run_uuid={run_id}"
+
+
 def log_report(client, folder: Path, values: dict, run_id: str) -> None:
     client.log_artifacts(run_id, str(folder), "report")
     metrics.log_metrics(client, run_id, values)
@@ -128,9 +134,16 @@ def sweep_report_task(cfg: DictConfig) -> None:
     check_same_runs(target, jobs)
     with files.publish_dir(target, "report") as staging:
         if len(found.sweep_ids) == 1 and found.parents:  # the sweep's own parent holds it
+            parent = found.parents[0]
+            run_id = parent.info.run_id
             write_files(staging, page.page(context, summary, diffs, jobs, book), jobs,
                         summary, diffs, figure)
-            log_report(client, staging, values, found.parents[0].info.run_id)
+            figure_url = artifact_link(run_id, "report/per_seed.png")
+            log_report(client, staging, values, run_id)
+            runs.set_description(client, run_id, page.parent_description(
+                found.report_id, "python -m pipeline.stages.train -m " + experiment_overrides(
+                    parent.data.tags.get("sweep_overrides", "?")), len(jobs), diffs, summary,
+                figure_url))
         else:  # several sweeps (or no parent): a report run of its own
             tags = {"stage": "sweep report", "compared_sweeps": ",".join(found.sweep_ids)}
             with runs.new_run(client, found.experiment, f"sweeps {found.report_id}",
