@@ -380,8 +380,16 @@ def _sleeper(*marks: str, child: str | None = None) -> subprocess.Popen:
     if child is not None:
         code = (f"import subprocess, sys, time; subprocess.Popen([sys.executable, '-c', "
                 f"{code!r}, *{child.split()!r}]); time.sleep(600)")
-    return subprocess.Popen([sys.executable, "-c", code, *marks], start_new_session=True,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    process = subprocess.Popen([sys.executable, "-c", code, *marks], start_new_session=True,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    # Until it has exec'd, its command line is this process's: the script, which identifies
+    # a server by its command line, would see "nothing running" (a CI failure once).
+    cmdline = Path(f"/proc/{process.pid}/cmdline")
+    deadline = time.monotonic() + 10
+    while marks and marks[-1].encode() not in cmdline.read_bytes():
+        assert time.monotonic() < deadline, f"{process.args} did not start"
+        time.sleep(0.01)
+    return process
 
 
 def _state(state_dir: Path, name: str, owner: int, owner_started: int | None, **fields) -> Path:
