@@ -6,7 +6,7 @@ export PATH := $(abspath $(BIN)):$(PATH)
 # A sweep directory (and so a sweep id) is used once: stamp it.
 SWEEP_STAMP := $(shell date +%Y%m%d-%H%M%S)
 
-.PHONY: setup reproduce sweep findings test test-slow test-ui test-ray test-slurm benchmark ui lock
+.PHONY: setup reproduce exp-show sweep findings test test-slow test-ui test-ray test-slurm benchmark ui lock
 
 # Exact versions, from lock files: requirements/setup.txt is what the pipeline needs
 # (pyproject.toml's dependencies); test.txt adds the `test` extra (pytest and the server,
@@ -57,6 +57,9 @@ ifeq ($(FASHION_MNIST),)
 else
 	dvc repro
 endif
+
+exp-show: setup           ## dvc exp show in 120 columns: each experiment's preset, epochs, changed settings, test accuracy
+	python -m pipeline.commands.exp_show $(ARGS)
 
 sweep: setup              ## the book configuration over 5 seeds, one job per core (~8 min on 2), then its report
 	python -m pipeline.stages.train -m hydra/launcher=joblib model=uni,bi train.seed=0,1,2,3,4 \

@@ -204,5 +204,19 @@ def test_dvc_queue_runs_copies_that_track_into_the_projects_store(tmp_path_facto
         test_json = experiments[int(run_.data.tags["seed"])]["metrics"]["metrics/mnist/test.json"]["data"]
         assert test_json[run_.data.tags["model_kind"]]["best"]["accuracy"] == \
             run_.data.metrics["test_acc_best"]
+    # make exp-show: the preset's 3 epochs (not conf/train/default.yaml's 100), each seed, and
+    # the test accuracies of dvc exp show, in 120 columns
+    shown = run([sys.executable, "-m", "pipeline.commands.exp_show"], cwd=project, timeout=120)
+    assert shown.returncode == 0, shown.stderr
+    lines = shown.stdout.splitlines()
+    assert max(map(len, lines)) <= 120, shown.stdout
+    experiment_rows = [line.split() for line in lines if line.startswith("└ ")]
+    assert len(experiment_rows) == 2, shown.stdout
+    for cells in experiment_rows:  # └ name preset epochs seed uni-mnist bi-mnist
+        _, _, preset, epochs, seed, uni, bi = cells
+        assert (preset, epochs) == ("quick", "3")
+        test_json = experiments[int(seed)]["metrics"]["metrics/mnist/test.json"]["data"]
+        assert (uni, bi) == (f"{test_json['uni']['best']['accuracy']:.2%}",
+                             f"{test_json['bi']['best']['accuracy']:.2%}")
     # One store: the copies (deleted by now) wrote nothing of their own into the project.
     assert sorted(p.name for p in project.rglob("mlflow.db")) == ["mlflow.db"]
