@@ -3,7 +3,6 @@ at the range where the claim lives."""
 
 from __future__ import annotations
 
-import textwrap
 from typing import Mapping
 
 import numpy as np
@@ -21,11 +20,7 @@ def per_seed(cells: Mapping[str, pd.DataFrame], book: Mapping[str, dict], datase
     """Every finished run of every cell (label -> its runs), then the book's single runs."""
     jobs = pd.concat([rows.assign(configuration=label) for label, rows in cells.items()],
                      ignore_index=True)
-    fig = figures.per_seed(jobs, list(cells), book)
-    for ax in fig.axes:  # long cell labels on two lines, so that ticks never overlap
-        ax.set_xticks(ax.get_xticks(), [
-            "\n".join(textwrap.fill(line, 14) for line in t.get_text().split("\n"))
-            for t in ax.get_xticklabels()])
+    fig = figures.per_seed(jobs, list(cells), book)  # (it wraps long labels)
     fig.suptitle(f"Per-seed test results, {dataset_title(dataset)}")
     return fig
 

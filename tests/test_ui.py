@@ -21,13 +21,15 @@ import yaml
 from mlflow.tracking import MlflowClient
 
 from pipeline.stages import compare
-from pipeline_testkit import (VENV_BIN, clean_env, commit_all, copy_project, free_port,
+from pipeline_testkit import (TINY, VENV_BIN, clean_env, commit_all, copy_project, free_port,
                               http_service, run)
 
 pytestmark = pytest.mark.ui
 
 CHROMIUM = "/usr/bin/chromium"   # apt-get install chromium (.ci/run does)
+VIEWPORT = {"width": 1440, "height": 900}   # a laptop screen
 EXPERIMENT = "birnn-table-19-12"
+SWEEP, SWEEP_EXPERIMENT = "ui-seeds", "birnn-sweeps"
 UI_START_SECONDS = 120            # `mlflow ui` answers /health after 15-20 s on 2 idle cores
 PAGE_TIMEOUT_MS = 30_000
 
@@ -50,7 +52,18 @@ def ui(tmp_path_factory):
         commit_all(project, "preset quick")
         result = run(["dvc", "repro"], cwd=project, timeout=1800, MLFLOW_TRACKING_URI=url)
         assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+        # A small sweep and its report: the parent run's description then holds the verdict.
+        # (In its own experiment: its parent's metrics would join the runs table's columns.)
+        sweep = run(["python", "-m", "pipeline.stages.train", "-m", *TINY, "model=uni,bi",
+                     "train.seed=0,1", f"hydra.sweep.dir=multirun/{SWEEP}",
+                     f"tracking.experiment_name={SWEEP_EXPERIMENT}"], cwd=project,
+                    timeout=600, MLFLOW_TRACKING_URI=url)
+        assert sweep.returncode == 0, sweep.stderr[-3000:]
+        report = run(["python", "-m", "pipeline.commands.sweep_report", f"sweep={SWEEP}"],
+                     cwd=project, timeout=300, MLFLOW_TRACKING_URI=url)
+        assert report.returncode == 0, report.stderr[-3000:]
         client = MlflowClient(url)
+        sweeps_id = client.get_experiment_by_name(SWEEP_EXPERIMENT).experiment_id
         runs = {name: json.loads((project / "models" / "mnist" / name / "run.json").read_text())["run_id"]
                 for name in ("uni", "bi")}
         # UI_SCREENSHOTS_DIR keeps them (docs/tracking.md's runs table is runs.png).
@@ -59,6 +72,9 @@ def ui(tmp_path_factory):
         print(f"\nscreenshots: {shots}")
         yield {"url": url, "client": client, "runs": runs, "shots": shots, "project": project,
                "report": client.get_run(runs["uni"]).data.tags["report_run_id"],
+               "sweep_experiment_id": sweeps_id,
+               "sweep_parent": client.search_runs(
+                   [sweeps_id], f"attributes.run_name = 'sweep {SWEEP}'")[0].info.run_id,
                "experiment_id": client.get_experiment_by_name(EXPERIMENT).experiment_id}
     print(f"ui tests: {time.monotonic() - started:.0f} s in all")
 
@@ -78,7 +94,7 @@ def browser(ui):
 @pytest.fixture
 def page(browser):
     """A fresh page (no state from another test) at a desktop size."""
-    context = browser.new_context(viewport={"width": 1440, "height": 900})
+    context = browser.new_context(viewport=VIEWPORT)
     # MLflow's telemetry SharedWorker keeps the network busy forever: "networkidle" never comes.
     context.add_init_script("delete window.SharedWorker;")
     context.set_default_timeout(PAGE_TIMEOUT_MS)
@@ -144,6 +160,17 @@ def add_column(page, name: str) -> None:
     page.get_by_placeholder("Search columns").fill(name)
     page.get_by_role("dialog").get_by_text(name, exact=True).first.click()
     page.keyboard.press("Escape")
+
+
+def assert_about_panel_in_window(page, run_id: str) -> None:
+    """A run page's figures leave its About panel in the window: the run id shown there is
+    whole (a wide description image pushes the panel off the right edge)."""
+    about = page.get_by_text("About this run").first.bounding_box()
+    shown = page.get_by_text(run_id, exact=True)
+    boxes = [shown.nth(i).bounding_box() for i in range(shown.count())]
+    in_panel = [box for box in boxes if box and box["x"] > about["x"] - 1]
+    assert in_panel, f"run id {run_id} not in the About panel (at x={about['x']:.0f}): {boxes}"
+    assert all(box["x"] + box["width"] <= VIEWPORT["width"] for box in in_panel), in_panel
 
 
 def test_the_front_door_lands_on_the_training_runs(ui, page):
@@ -239,7 +266,28 @@ def test_report_run_page_shows_table_19_12_with_its_figures(ui, page):
     page.wait_for_function("""() => [...document.querySelectorAll("img[src^='get-artifact']")]
         .every(img => img.complete && img.naturalWidth > 0)""")   # they render
     table.scroll_into_view_if_needed()
+    assert_about_panel_in_window(page, ui["report"])
     page.screenshot(path=ui["shots"] / "report.png")
+
+
+def test_sweep_parent_page_shows_its_verdict_and_per_seed_figure(ui, page):
+    base = f"{ui['url']}/#/experiments/{ui['sweep_experiment_id']}/runs/{ui['sweep_parent']}"
+    page.goto(f"{base}?workflowType=machine_learning", wait_until="load")
+    close_assistant(page)
+    page.get_by_text(f"Sweep {SWEEP}", exact=False).first.wait_for()
+    show_more = page.get_by_text("Show more").first
+    if show_more.count():
+        show_more.click()
+    result = page.get_by_text("mean test accuracy (best parameters)").first
+    result.wait_for()
+    text = result.inner_text()
+    assert "bi minus uni" in text and "interval" in text and "seeds" in text
+    image = page.locator("img[src^='get-artifact']").first
+    image.scroll_into_view_if_needed()
+    page.wait_for_function("""() => [...document.querySelectorAll("img[src^='get-artifact']")]
+        .every(img => img.complete && img.naturalWidth > 0)""")   # the per-seed figure renders
+    assert_about_panel_in_window(page, ui["sweep_parent"])
+    page.screenshot(path=ui["shots"] / "sweep-parent.png")
 
 
 def test_training_run_page_says_what_was_trained_and_how_it_scored(ui, page):
@@ -266,7 +314,7 @@ def test_dvc_plots_show_renders_exactly_the_declared_plots_offline(ui, browser):
     assert re.findall(r'<div id = "([^"]+)"', html) == declared  # none drawn on its own
     assert not re.search(r"<script[^>]+src=", html)  # Vega inline (.dvc/plots/offline.html)
 
-    context = browser.new_context(offline=True, viewport={"width": 1440, "height": 900})
+    context = browser.new_context(offline=True, viewport=VIEWPORT)
     page = context.new_page()
     errors = []
     page.on("pageerror", lambda error: errors.append(str(error)))

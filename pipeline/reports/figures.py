@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import textwrap
 from typing import Mapping
 
 import matplotlib
@@ -12,14 +13,20 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 
+# Widest figure (inches at save_png's 110 dpi: 704 px). An MLflow run page at 1440 px keeps
+# its About panel in view beside description images up to about 720 px (measured in
+# Chromium, MLflow 3.17); wider ones push it off the window, and MLflow drops a width attribute.
+MAX_WIDTH = 6.4
+
 def validation_curves(histories: Mapping[str, pd.DataFrame]) -> Figure:
     """Validation loss and accuracy at every checkpoint, all models on one sheet (the book's
     figure 19-23 shows them for the bidirectional net). Keys are the legend labels."""
-    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(11, 4), constrained_layout=True)
+    fig, (ax_loss, ax_acc) = plt.subplots(2, 1, figsize=(MAX_WIDTH, 6.4), sharex=True,
+                                          constrained_layout=True)
     for label, history in histories.items():
         ax_loss.plot(history["iteration"], history["val_loss"], label=label)
         ax_acc.plot(history["iteration"], history["val_acc"], label=label)
-    ax_loss.set(title="validation loss", xlabel="iteration", ylabel="cross-entropy")
+    ax_loss.set(title="validation loss", ylabel="cross-entropy")
     ax_acc.set(title="validation accuracy", xlabel="iteration", ylabel="accuracy")
     for ax in (ax_loss, ax_acc):
         ax.grid(alpha=0.3)
@@ -28,11 +35,11 @@ def validation_curves(histories: Mapping[str, pd.DataFrame]) -> Figure:
 
 
 def confusion_matrices(confusions: Mapping[str, np.ndarray], title: str) -> Figure:
-    """One panel per model (keys are the panel titles): counts, rows true class, columns
-    predicted class."""
-    fig, axes = plt.subplots(1, len(confusions), figsize=(5.2 * len(confusions), 4.8),
+    """One panel per model, one above the other (keys are the panel titles): counts, rows
+    true class, columns predicted class."""
+    fig, axes = plt.subplots(len(confusions), 1, figsize=(5.2, 4.8 * len(confusions)),
                              constrained_layout=True, squeeze=False)
-    for ax, (label, matrix) in zip(axes[0], confusions.items()):
+    for ax, (label, matrix) in zip(axes[:, 0], confusions.items()):
         matrix = np.asarray(matrix)
         ax.imshow(matrix, cmap="Blues")
         classes = np.arange(matrix.shape[0])
@@ -57,7 +64,16 @@ def per_seed(jobs: pd.DataFrame, configurations: list[str], book: Mapping[str, d
     runs for each model kind present (``book``: kind -> {"best": {"accuracy", "loss"},
     "last": {...}}), so the spread over seeds sits next to the one number the book printed."""
     columns = list(configurations) + [f"book {kind}\n(one run)" for kind in book]
-    fig, axes = plt.subplots(1, 2, figsize=(max(9.0, 3.0 + 2.2 * len(columns)), 4.4),
+    # Accuracy above loss, as wide as a run page allows. Labels wrap to their column's width
+    # (8-point text, about 0.085 in a character), or stand on end when there are many columns;
+    # at most three lines each (the report's tables have them whole).
+    turned = len(columns) > 8
+    chars = 28 if turned else max(6, int(0.85 * MAX_WIDTH / len(columns) / 0.085))
+    columns = ["\n".join(wrapped for line in column.split("\n")
+                         for wrapped in textwrap.wrap(line, chars, max_lines=3,
+                                                      placeholder=" ..."))
+               for column in columns]
+    fig, axes = plt.subplots(2, 1, figsize=(MAX_WIDTH, 9.4 if turned else 7.6), sharex=True,
                              constrained_layout=True)
     jitter = np.random.default_rng(0)  # fixed: the figure is reproducible
     for ax, (what, scale, unit) in zip(axes, (("acc", 100.0, "test accuracy (%)"),
@@ -79,38 +95,11 @@ def per_seed(jobs: pd.DataFrame, configurations: list[str], book: Mapping[str, d
                 ax.scatter(x + offset, scale * result[rule][key], marker="*", s=110,
                            facecolors=face, edgecolors="C3", zorder=3,
                            label=f"book, {rule} parameters" if i == 0 else None)
-        ax.set_xticks(range(len(columns)), columns)
+        ax.set_xticks(range(len(columns)), columns,
+                      fontsize=7 if turned else 8, rotation=90 if turned else 0)
         ax.set_xlim(-0.6, len(columns) - 0.4)
         ax.set(ylabel=unit)
         ax.grid(axis="y", alpha=0.3)
-    axes[0].legend(fontsize=8, loc="lower right")
+    axes[0].legend(fontsize=7, loc="lower right")
     fig.suptitle("Per-seed test results")
-    return fig
-
-
-def accuracy_by_size(sizes: pd.DataFrame, book: Mapping[str, tuple[int, float]]) -> Figure:
-    """Mean test accuracy (best parameters) against parameter count, one line per model
-    family with its seed range as a band, and the book's single runs as stars (``book``:
-    label -> (parameter count, accuracy))."""
-    fig, ax = plt.subplots(figsize=(7.5, 4.6), constrained_layout=True)
-    for i, (family, group) in enumerate(sizes.groupby("family", sort=False)):
-        group = group.sort_values("param_count")
-        color = f"C{i}"
-        ax.plot(group["param_count"], 100 * group["mean"], "o-", color=color,
-                label=f"{family}, mean over seeds")
-        ax.fill_between(group["param_count"], 100 * group["min"], 100 * group["max"],
-                        color=color, alpha=0.15, label=f"{family}, min-max over seeds")
-        for row in group.itertuples():
-            ax.annotate(f"{row.hidden}", (row.param_count, 100 * row.mean), fontsize=7,
-                        textcoords="offset points", xytext=(4, -10), color=color)
-    for label, (count, accuracy) in book.items():
-        ax.scatter(count, 100 * accuracy, marker="*", s=140, color="C3", zorder=4)
-        ax.annotate(label, (count, 100 * accuracy), fontsize=8, textcoords="offset points",
-                    xytext=(6, 4), color="C3")
-    ax.set_xscale("log")
-    ax.set(xlabel="parameters (log scale); labels: hidden units per chain",
-           ylabel="test accuracy, best parameters (%)",
-           title="Accuracy against parameter count")
-    ax.grid(alpha=0.3, which="both")
-    ax.legend(fontsize=7, loc="lower right")
     return fig
