@@ -47,13 +47,13 @@ def test_the_committed_page_regenerates_byte_for_byte(project):
 def test_a_missing_runs_file_keeps_the_committed_section(project):
     committed = (project / "reports" / "findings.md").read_text()
     kept = findings.committed_sections(committed)["Fashion-MNIST"]
-    shutil.rmtree(project / "reports" / "sweeps" / "fashion-mnist-seeds")
+    shutil.rmtree(project / "reports" / "sweeps" / "fashion-mnist-seeds-2")
     figures = set((project / "reports" / "findings").iterdir())
     result = _findings(project)
     assert result.returncode == 0, result.stderr[-2000:]
     page = (project / "reports" / "findings.md").read_text()
     section = page.split(". Fashion-MNIST\n")[1]
-    assert "Not committed yet: `reports/sweeps/fashion-mnist-seeds/runs.csv`" in section
+    assert "Not committed yet: `reports/sweeps/fashion-mnist-seeds-2/runs.csv`" in section
     assert kept in section  # the last answer, verbatim
     assert figures <= set((project / "reports" / "findings").iterdir())  # nothing deleted
     again = _findings(project)  # the kept text is found again, not nested
