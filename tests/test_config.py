@@ -6,6 +6,9 @@ of the real entry point is checked in a subprocess.
 
 from __future__ import annotations
 
+import re
+import shlex
+
 import pytest
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
@@ -15,7 +18,7 @@ from omegaconf import OmegaConf
 from pipeline import schema
 from pipeline.errors import ConfigError, one_line
 from pipeline.paths import CONF_DIR
-from pipeline_testkit import error_lines, stage
+from pipeline_testkit import ROOT, error_lines, stage
 
 STAGES = ("prepare", "train", "evaluate", "compare", "sweep_report")
 
@@ -189,3 +192,26 @@ def test_help_lists_the_groups_a_user_sets_and_their_options(name):
     for group, options in groups.items():
         assert options == sorted(p.stem for p in (CONF_DIR / group).glob("*.yaml")), group
     assert "schema" not in result.stdout.split("== Config")[0]
+
+
+def hand_run_trainings() -> list[tuple[str, list[str]]]:
+    """The single-run train commands of README.md and docs/*.md: (page, overrides)."""
+    found = []
+    for page in [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]:
+        for match in re.finditer(r"python -m pipeline\.stages\.train([^`\n#]*)", page.read_text()):
+            text = match.group(1).strip()
+            if text.endswith("\\") or " -m " in f" {text} " or "..." in text or not text:
+                continue  # a sweep (its jobs write under their sweep folder), or elided
+            words = shlex.split(text.replace("<server>", "server"))  # (placeholder)
+            found.append((page.name, words))
+    return found
+
+
+def test_the_docs_hand_run_trainings_write_to_their_own_places(compose_cfg):
+    # A hand-run example that left name unset would replace the DVC pipeline's own model
+    # (models/<dataset>/<kind>/), its metrics and its registered version.
+    examples = hand_run_trainings()
+    assert len(examples) >= 5, examples
+    for page, overrides in examples:
+        cfg = compose_cfg("train", *overrides)
+        assert cfg.name != cfg.model.kind, f"{page}: {' '.join(overrides)} writes the pipeline's own model"
