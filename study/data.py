@@ -20,8 +20,8 @@ SCHEDULES = {  # a cell's declared schedule -> runs.csv's `schedule` text (pipel
 
 
 def load_runs(reports_dir: Path) -> pd.DataFrame:
-    """Every run of every committed sweep report, once (a run in several reports, e.g.
-    ``book-seeds-20`` and ``book-seeds-20+bi-merges``, is kept from the first file by name)."""
+    """Every run of every committed sweep report, once (a run in several reports, such as
+    ``<a>`` and ``<a>+<b>``, is kept from the first file by name)."""
     files = sorted((reports_dir / "sweeps").glob("*/runs.csv"))
     if not files:
         return pd.DataFrame(columns=["sweep", "run_id", "file"])
