@@ -46,10 +46,26 @@ def test_write_text_leaves_no_temporary_file(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["m.json"]
 
 
+def _pytest_session(tmp_path: Path, test_source: str, *options: str, **env: str) -> Path:
+    """Run ``test_source`` as a one-test pytest session with the project's settings
+    (pyproject.toml); the test writes a path to $WHERE, which is returned."""
+    (tmp_path / "test_one.py").write_text(test_source)
+    where = tmp_path / "where.txt"
+    result = subprocess.run(
+        [sys.executable, "-m", "pytest", "-c", str(ROOT / "pyproject.toml"), "--rootdir",
+         str(tmp_path), "-p", "no:xdist", "-p", "no:cacheprovider", "-o", "addopts=",
+         *options, str(tmp_path / "test_one.py")],
+        cwd=tmp_path, capture_output=True, text=True, timeout=120,
+        env={**os.environ, "WHERE": str(where), **env})
+    assert result.returncode == 0, result.stdout[-2000:]
+    return Path(where.read_text())
+
+
 def test_a_test_session_removes_the_lock_files_of_its_stages(tmp_path):
     # Stages keep a writer's lock file in the system's temporary folder (files.exclusive);
     # the project's conftest.py removes those a session made once it ends.
-    (tmp_path / "test_one.py").write_text(
+    made = _pytest_session(
+        tmp_path,
         "import os\n"
         "from pipeline import files\n"
         "def test_writes(tmp_path):\n"
@@ -57,34 +73,18 @@ def test_a_test_session_removes_the_lock_files_of_its_stages(tmp_path):
         "    with files.exclusive(tmp_path / 'out', 'wait'):\n"
         "        pass\n"
         "    [made] = set(files.LOCKS.glob('*.lock')) - before\n"
-        "    open(os.environ['WHERE'], 'w').write(str(made))\n")
-    where = tmp_path / "where.txt"
-    result = subprocess.run(
-        [sys.executable, "-m", "pytest", "-c", str(ROOT / "pyproject.toml"), "--rootdir",
-         str(tmp_path), "-p", "no:xdist", "-p", "no:cacheprovider", "-o", "addopts=",
-         "-p", "conftest", str(tmp_path / "test_one.py")],
-        cwd=tmp_path, capture_output=True, text=True, timeout=120,
-        env={**os.environ, "WHERE": str(where), "PYTHONPATH": f"{ROOT}{os.pathsep}{ROOT / 'tests'}"})
-    assert result.returncode == 0, result.stdout[-2000:]
-    made = Path(where.read_text())
+        "    open(os.environ['WHERE'], 'w').write(str(made))\n",
+        "-p", "conftest", PYTHONPATH=f"{ROOT}{os.pathsep}{ROOT / 'tests'}")
     assert made.parent == files.LOCKS and not made.exists()
 
 
 def test_a_green_test_run_leaves_no_temporary_folder(tmp_path):
     # The project's pytest settings (pyproject.toml) on a one-test session: its tmp_path is
     # gone once the session passed.
-    (tmp_path / "test_one.py").write_text(
+    used = _pytest_session(
+        tmp_path,
         "import os\n"
         "def test_writes(tmp_path):\n"
         "    (tmp_path / 'big').write_bytes(b'0' * 1000)\n"
         "    open(os.environ['WHERE'], 'w').write(str(tmp_path))\n")
-    where = tmp_path / "where.txt"
-    result = subprocess.run(
-        [sys.executable, "-m", "pytest", "-c", str(ROOT / "pyproject.toml"), "--rootdir",
-         str(tmp_path), "-p", "no:xdist", "-p", "no:cacheprovider", "-o", "addopts=",
-         str(tmp_path / "test_one.py")],
-        cwd=tmp_path, capture_output=True, text=True, timeout=120,
-        env={**os.environ, "WHERE": str(where)})
-    assert result.returncode == 0, result.stdout[-2000:]
-    used = Path(where.read_text())
     assert not used.exists() and not used.parent.exists()  # the session's basetemp too

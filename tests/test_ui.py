@@ -162,6 +162,17 @@ def add_column(page, name: str) -> None:
     page.keyboard.press("Escape")
 
 
+def load_description_images(page) -> int:
+    """Scroll to each figure of a run's description (Markdown images load lazily, as a reader
+    scrolls), wait until all have rendered, and count them."""
+    images = page.locator("img[src^='get-artifact']")
+    for index in range(images.count()):
+        images.nth(index).scroll_into_view_if_needed()
+    page.wait_for_function("""() => [...document.querySelectorAll("img[src^='get-artifact']")]
+        .every(img => img.complete && img.naturalWidth > 0)""")
+    return images.count()
+
+
 def assert_about_panel_in_window(page, run_id: str) -> None:
     """A run page's figures leave its About panel in the window: the run id shown there is
     whole (a wide description image pushes the panel off the right edge)."""
@@ -253,18 +264,12 @@ def test_report_run_page_shows_table_19_12_with_its_figures(ui, page):
     page.get_by_text("Show more").first.click()
     table = page.locator("table", has=page.get_by_text("test accuracy, best parameters"))
     table.wait_for()
-    # (Markdown images load lazily: scroll to them, as a reader does.)
     text = table.inner_text()
     for name in ("uni", "bi"):
         accuracy = ui["client"].get_run(ui["runs"][name]).data.metrics["test_acc_best"]
         assert f"{100 * accuracy:.2f}%" in text
     assert "95.17%" in text and "2281" in text   # the book's column
-    images = page.locator("img[src^='get-artifact']")
-    assert images.count() == 2
-    for index in range(2):
-        images.nth(index).scroll_into_view_if_needed()
-    page.wait_for_function("""() => [...document.querySelectorAll("img[src^='get-artifact']")]
-        .every(img => img.complete && img.naturalWidth > 0)""")   # they render
+    assert load_description_images(page) == 2
     table.scroll_into_view_if_needed()
     assert_about_panel_in_window(page, ui["report"])
     page.screenshot(path=ui["shots"] / "report.png")
@@ -282,10 +287,7 @@ def test_sweep_parent_page_shows_its_verdict_and_per_seed_figure(ui, page):
     result.wait_for()
     text = result.inner_text()
     assert "bi minus uni" in text and "interval" in text and "seeds" in text
-    image = page.locator("img[src^='get-artifact']").first
-    image.scroll_into_view_if_needed()
-    page.wait_for_function("""() => [...document.querySelectorAll("img[src^='get-artifact']")]
-        .every(img => img.complete && img.naturalWidth > 0)""")   # the per-seed figure renders
+    assert load_description_images(page) == 1   # the per-seed figure
     assert_about_panel_in_window(page, ui["sweep_parent"])
     page.screenshot(path=ui["shots"] / "sweep-parent.png")
 

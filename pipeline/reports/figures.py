@@ -18,6 +18,7 @@ from matplotlib.figure import Figure  # noqa: E402
 # Chromium, MLflow 3.17); wider ones push it off the window, and MLflow drops a width attribute.
 MAX_WIDTH = 6.4
 
+
 def validation_curves(histories: Mapping[str, pd.DataFrame]) -> Figure:
     """Validation loss and accuracy at every checkpoint, all models on one sheet (the book's
     figure 19-23 shows them for the bidirectional net). Keys are the legend labels."""
