@@ -30,8 +30,9 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
+from birnn import numerics
 from pipeline import credentials, files, interrupts, output_paths, schema
-from pipeline.errors import StageError, exit_with_error, is_expected, one_line
+from pipeline.errors import ConfigError, StageError, exit_with_error, is_expected, one_line
 from pipeline.paths import CONF_DIR
 
 Task = Callable[[DictConfig], "float | None"]
@@ -115,6 +116,38 @@ def check_outputs(config_name: str, cfg: DictConfig) -> None:
             files.remove_leftovers(output.path)
 
 
+def select_numerics(argv: list[str]) -> None:
+    """``numerics=native`` (or ``pinned``) on the command line: numpy's kernels are chosen when
+    it loads, which this process has done, so it starts itself again under that mode
+    (birnn.numerics) before Hydra writes anything. A config file that sets it is checked
+    after composition (:func:`check_numerics`)."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    for override in OverridesParser.create().parse_overrides(command_line_overrides(argv)):
+        if override.key_or_group != "numerics":
+            continue
+        if override.is_sweep_override():
+            raise ConfigError("numerics: cannot be swept; a sweep runs one mode (numerics="
+                              f"{' or numerics='.join(numerics.MODES)})")
+        wanted = str(override.value())
+        if wanted in numerics.MODES and wanted != numerics.requested_mode():
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os.execve(sys.executable, sys.orig_argv, numerics.environment(wanted))
+
+
+def check_numerics(cfg: DictConfig) -> None:
+    """The process runs the numerics the config asks for; a machine that cannot run the pin
+    says so in one line (its runs record it: numerics=unpinned)."""
+    if "numerics" not in cfg:
+        return
+    state = numerics.require(cfg.numerics)
+    if state.mode == "unpinned":
+        logging.getLogger(__name__).warning(
+            "numerics: not pinned, as %s: results are exact on this machine but not the same "
+            "bytes as on an x86-64 machine with AVX2", state.reason)
+
+
 @contextlib.contextmanager
 def _job_failure_recorded(cfg: DictConfig, on_job_failure: JobFailureHandler,
                           slurm_job: bool = False) -> Iterator[None]:
@@ -174,11 +207,13 @@ def stage(config_name: str, on_job_failure: JobFailureHandler | None = None,
             if in_sweep and on_job_failure is not None:
                 with _job_failure_recorded(cfg, on_job_failure, slurm_job):
                     schema.validate(cfg)
+                    check_numerics(cfg)
                     check_outputs(config_name, cfg)
                     return task(cfg)
                 return math.inf
             with _reported():
                 schema.validate(cfg)
+                check_numerics(cfg)
                 check_outputs(config_name, cfg)
                 return task(cfg)
 
@@ -195,6 +230,7 @@ def stage(config_name: str, on_job_failure: JobFailureHandler | None = None,
                 credentials.check_config_files(
                     [config_dir, *credentials.extra_config_dirs(sys.argv[1:])])
                 check_hydra_dirs(sys.argv[1:])
+                select_numerics(sys.argv[1:])
                 interrupts.mark_sweep_process()
                 objective = hydra_app()
                 interrupts.raise_if_lost()  # a stop signal must not end in exit 0

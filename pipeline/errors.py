@@ -15,6 +15,7 @@ from hydra.errors import HydraException
 from omegaconf.errors import OmegaConfBaseException
 
 from birnn.data import DataError
+from birnn.numerics import NumericsError
 from birnn.training import DivergenceError
 
 
@@ -47,7 +48,7 @@ def is_expected(exc: BaseException) -> bool:
 
 def expected_errors() -> tuple[type[BaseException], ...]:
     errors: list[type[BaseException]] = [
-        StageError, MissingInputError, ConfigError, DataError, DivergenceError,
+        StageError, MissingInputError, ConfigError, DataError, DivergenceError, NumericsError,
         HydraException, OmegaConfBaseException,
     ]
     # A tracking server that fails after the start-up probe. Only stages that use MLflow have

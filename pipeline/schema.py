@@ -18,6 +18,7 @@ from hydra.types import RunMode
 from omegaconf import MISSING, DictConfig, OmegaConf
 
 import birnn.models
+from birnn import numerics
 from pipeline.errors import ConfigError
 
 # The library's own lists, so the schema accepts exactly what birnn can build.
@@ -125,6 +126,7 @@ class TrainStage:
     name: str = "${model.kind}"  # models/<dataset>/<name>/ and the MLflow run name
     register_model: bool = True  # a sweep job: false (conf/train.yaml)
     test_after_training: bool = False  # a sweep job: true
+    numerics: str = "pinned"  # or native: birnn.numerics
 
 
 @dataclass
@@ -133,6 +135,7 @@ class EvaluateStage:
     paths: PathsConfig = MISSING
     dataset: str = "mnist"
     models: List[str] = field(default_factory=lambda: ["uni", "bi"])
+    numerics: str = "pinned"  # or native: birnn.numerics
 
 
 @dataclass
@@ -142,6 +145,7 @@ class CompareStage:
     dataset: str = "mnist"
     models: List[str] = field(default_factory=lambda: ["uni", "bi"])  # uni first, as the book
     run_name: str = "table-19-12-${dataset}"
+    numerics: str = "pinned"  # or native: birnn.numerics
 
 
 @dataclass
@@ -342,6 +346,8 @@ def validate(cfg: DictConfig) -> DictConfig:
         _validate_data(cfg.data)
     if "tracking" in cfg:
         _validate_tracking(cfg.tracking)
+    if "numerics" in cfg and cfg.numerics not in numerics.MODES:
+        _fail("numerics", f"must be one of {', '.join(numerics.MODES)}", cfg.numerics)
     if "confidence" in cfg and not 0.5 <= cfg.confidence < 1.0:
         _fail("confidence", "must be in [0.5, 1)", cfg.confidence)
     if "models" in cfg:

@@ -187,10 +187,12 @@ def sweep_store(tmp: Path, prepared: Path) -> dict:
                       f"paths.reports_dir={tmp / 'reports'}")}
 
 
-def run_sweep(store: dict, sweep_dir: Path, *overrides: str, timeout: float = 600):
-    """A joblib sweep (2 jobs at a time) into ``store``: (result, sweep id, sweep dir)."""
+def run_sweep(store: dict, sweep_dir: Path, *overrides: str, timeout: float = 600, **env: str):
+    """A joblib sweep (2 jobs at a time) into ``store``: (result, sweep id, sweep dir);
+    ``env``: variables to set in its environment."""
     from pipeline.sweeps import job as sweep
 
     result = stage("train", "-m", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2",
-                   f"hydra.sweep.dir={sweep_dir}", *store["paths"], *overrides, timeout=timeout)
+                   f"hydra.sweep.dir={sweep_dir}", *store["paths"], *overrides, timeout=timeout,
+                   **env)
     return result, sweep.sweep_id(str(sweep_dir)), sweep_dir

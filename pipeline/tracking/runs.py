@@ -15,6 +15,7 @@ from typing import Any, Iterator, Mapping
 
 from omegaconf import DictConfig, OmegaConf
 
+from birnn import numerics
 from pipeline import interrupts
 from pipeline.errors import StageError, one_line
 from pipeline.files import read_json
@@ -41,10 +42,12 @@ def source_tags(script: str | os.PathLike | None = None) -> dict[str, str]:
     ``script`` is the stage's file; by default the script that was started, which is right
     for a single run but not for a sweep job that a launcher runs in a worker process (whose
     sys.argv[0] is the launcher's own entry point). Also the process that owns the run
-    (host, pid, start time), so that a later command can end it if the process dies hard."""
+    (host, pid, start time), so that a later command can end it if the process dies hard,
+    and the numerics it ran (birnn.numerics: pinned or not, BLAS kernel, numpy dispatch, CPU)."""
     script = Path(script if script is not None else sys.argv[0]).resolve()
     source = script.relative_to(PROJECT_ROOT) if script.is_relative_to(PROJECT_ROOT) else script
-    tags = {"mlflow.source.type": "LOCAL", "mlflow.source.name": str(source), **process_tags()}
+    tags = {"mlflow.source.type": "LOCAL", "mlflow.source.name": str(source), **process_tags(),
+            **numerics.current().tags()}
 
     def git(*args: str) -> str:
         return subprocess.run(["git", *args], cwd=PROJECT_ROOT, capture_output=True,
