@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from pipeline import files
-from pipeline.output_paths import ROOTS_ENV
+from pipeline.guard import locks
+from pipeline.guard.output_paths import ROOTS_ENV
 from pipeline_testkit import ROOT, stage
 
 # Folders that a stage or MLflow creates in its working directory.
@@ -26,7 +26,7 @@ def _entries() -> set[str]:
 
 
 def _locks() -> set[Path]:
-    return set(files.LOCKS.glob("*.lock"))
+    return set(locks.LOCKS.glob("*.lock"))
 
 
 def _is_controller(config) -> bool:
@@ -40,7 +40,7 @@ def pytest_sessionstart(session) -> None:
 
 def _remove_new_locks(before: set[Path]) -> None:
     """The writers' lock files the session's stages left in the system's temporary folder
-    (pipeline.files.exclusive keeps them, as removing a lock file races with its next
+    (pipeline.locks.exclusive keeps them, as removing a lock file races with its next
     user); one still held by a process outside the session stays."""
     for lock in _locks() - before:
         with open(lock, "a") as handle:

@@ -6,9 +6,9 @@ Importing birnn before numpy pins numpy's and OpenBLAS's kernels to their AVX2 c
 training gives the same bytes on every x86-64 machine (birnn.numerics).
 """
 
-from birnn import numerics
+from birnn.numerics import pin_environment
 
-numerics.pin_environment()  # before anything below loads numpy
+pin_environment()  # before anything below loads numpy
 
 from birnn.layers import accuracy, softmax_cross_entropy  # noqa: E402
 from birnn.models import BiRNN, RNNClassifier, UniRNN, build_model, load_model  # noqa: E402

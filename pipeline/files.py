@@ -1,7 +1,7 @@
 """Writing outputs so that a failure never leaves half of one, and nothing lands outside the
 outputs: files are written under a temporary name and renamed into place, folders are built in
 a staging folder and swapped in whole (:func:`publish_dir`), which marks them as the
-pipeline's. Both check the target first (pipeline.output_paths), remove what a killed run left
+pipeline's. Both check the target first (pipeline.guard.output_paths), remove what a killed run left
 beside it, and turn a full or read-only disk into a one-line error naming the target.
 Unchanged arrays give byte-identical .npz files, so they keep their DVC hash.
 """
@@ -9,7 +9,6 @@ Unchanged arrays give byte-identical .npz files, so they keep their DVC hash.
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import hashlib
 import json
 import os
@@ -22,8 +21,8 @@ from typing import Any, Iterator, Mapping
 
 import numpy as np
 
-from pipeline import output_paths
-from pipeline.errors import MissingInputError, StageError, is_environmental
+from pipeline.guard import output_paths
+from pipeline.guard.errors import MissingInputError, StageError, is_environmental
 
 # Temporary names carry their writer (process id and a hash of the host name), so that the
 # next run can tell a killed writer's leftovers from a live one's:
@@ -188,34 +187,6 @@ def save_npz(target: str | os.PathLike, arrays: Mapping[str, np.ndarray]) -> Non
     default timestamp, so the same arrays give the same bytes (tests/test_files.py)."""
     with atomic_path(target, suffix=".npz") as tmp:
         np.savez(tmp, **{name: np.ascontiguousarray(a) for name, a in arrays.items()})
-
-
-LOCKS = Path(tempfile.gettempdir()) / "birnn-locks"
-
-
-@contextlib.contextmanager
-def exclusive(target: str | os.PathLike, hint: str) -> Iterator[None]:
-    """Hold the writer's lock of ``target`` for the block: a second writer on this machine is
-    refused in one line (``hint``: what to do instead). The lock is an flock on a file named
-    after the target's path in the temporary folder, not beside the target: a stage that
-    stops early leaves its outputs untouched. The kernel releases it when its holder dies,
-    however it dies."""
-    target = output_paths.resolve("output folder", target)
-    LOCKS.mkdir(mode=0o1777, exist_ok=True)
-    lock = LOCKS / f"{hashlib.sha256(str(target).encode()).hexdigest()[:32]}.lock"
-    with open(lock, "a+", encoding="utf-8") as handle:
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            handle.seek(0)
-            holder = handle.read().strip() or "?"
-            raise StageError(f"{target}: another process is writing it (pid {holder}): "
-                             f"{hint}") from None
-        handle.seek(0)
-        handle.truncate()
-        handle.write(f"{os.getpid()} on {socket.gethostname()}")
-        handle.flush()
-        yield
 
 
 def _replace_dir(staging: Path, target: Path) -> None:

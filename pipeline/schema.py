@@ -19,7 +19,7 @@ from omegaconf import MISSING, DictConfig, OmegaConf
 
 import birnn.models
 from birnn import numerics
-from pipeline.errors import ConfigError
+from pipeline.guard.errors import ConfigError
 
 # The library's own lists, so the schema accepts exactly what birnn can build.
 MERGE_MODES = birnn.models.MERGES              # formula 5 of chapter 19.7

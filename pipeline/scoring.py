@@ -17,7 +17,7 @@ from birnn.data import scale_pixels
 from birnn.models import RNNClassifier, load_model
 from birnn.training import Evaluation, evaluate
 from pipeline import prepared_data
-from pipeline.errors import MissingInputError, StageError
+from pipeline.guard.errors import MissingInputError, StageError
 from pipeline.metric_names import PER_CLASS_TABLE, RULES, TEST_METRICS, test_metric
 from pipeline.tracking import logged_model, metrics, runs
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from pipeline.errors import StageError
+from pipeline.guard.errors import StageError
 
 METRIC = "test_acc_best"  # the book's table: test accuracy of the best (validation) parameters
 SCHEDULES = {  # a cell's declared schedule -> runs.csv's `schedule` text (pipeline.sweeps.runs)

@@ -17,7 +17,7 @@ import pandas as pd
 from omegaconf import DictConfig
 
 from pipeline import files
-from pipeline.entrypoint import stage
+from pipeline.guard.entrypoint import stage
 from pipeline.paths import project_path
 from pipeline.reports import figures as report_figures
 from pipeline.reports import table_19_12

@@ -16,7 +16,7 @@ from hydra.errors import ConfigCompositionException
 from omegaconf import OmegaConf
 
 from pipeline import schema
-from pipeline.errors import ConfigError, one_line
+from pipeline.guard.errors import ConfigError, one_line
 from pipeline.paths import CONF_DIR
 from pipeline_testkit import ROOT, error_lines, stage
 

@@ -23,8 +23,9 @@ import numpy as np
 import pytest
 from mlflow.tracking import MlflowClient
 
-from pipeline import files, output_paths
-from pipeline.errors import MissingInputError, StageError, is_expected, one_line
+from pipeline import files
+from pipeline.guard import output_paths
+from pipeline.guard.errors import MissingInputError, StageError, is_expected, one_line
 from pipeline_testkit import ROOT, TINY, clean_env, copy_project, error_lines, stage
 
 

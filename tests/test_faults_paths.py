@@ -20,8 +20,9 @@ from pathlib import Path
 
 import pytest
 
-from pipeline import files, output_paths, paths
-from pipeline.errors import ConfigError
+from pipeline import files, paths
+from pipeline.guard import locks, output_paths
+from pipeline.guard.errors import ConfigError
 from pipeline_testkit import ROOT, TINY, clean_env, copy_project, error_lines, stage
 
 
@@ -236,7 +237,7 @@ def test_a_second_training_into_a_model_folder_being_written_is_refused(tmp_path
     models, metrics = tmp_path / "models", tmp_path / "metrics"
     train = ["train", *TINY, f"paths.prepared_dir={prepared_dir}", f"paths.models_dir={models}",
              f"paths.metrics_dir={metrics}", f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}"]
-    with files.exclusive(models / "uni", "wait"):  # a first writer, in this process
+    with locks.exclusive(models / "uni", "wait"):  # a first writer, in this process
         result = stage(*train, timeout=120)
     assert result.returncode == 1
     assert error_lines(result) == [

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 from pipeline import files
+from pipeline.guard import locks
 from pipeline_testkit import ROOT
 
 
@@ -62,20 +63,20 @@ def _pytest_session(tmp_path: Path, test_source: str, *options: str, **env: str)
 
 
 def test_a_test_session_removes_the_lock_files_of_its_stages(tmp_path):
-    # Stages keep a writer's lock file in the system's temporary folder (files.exclusive);
+    # Stages keep a writer's lock file in the system's temporary folder (locks.exclusive);
     # the project's conftest.py removes those a session made once it ends.
     made = _pytest_session(
         tmp_path,
         "import os\n"
-        "from pipeline import files\n"
+        "from pipeline.guard import locks\n"
         "def test_writes(tmp_path):\n"
-        "    before = set(files.LOCKS.glob('*.lock'))\n"
-        "    with files.exclusive(tmp_path / 'out', 'wait'):\n"
+        "    before = set(locks.LOCKS.glob('*.lock'))\n"
+        "    with locks.exclusive(tmp_path / 'out', 'wait'):\n"
         "        pass\n"
-        "    [made] = set(files.LOCKS.glob('*.lock')) - before\n"
+        "    [made] = set(locks.LOCKS.glob('*.lock')) - before\n"
         "    open(os.environ['WHERE'], 'w').write(str(made))\n",
         "-p", "conftest", PYTHONPATH=f"{ROOT}{os.pathsep}{ROOT / 'tests'}")
-    assert made.parent == files.LOCKS and not made.exists()
+    assert made.parent == locks.LOCKS and not made.exists()
 
 
 def test_a_green_test_run_leaves_no_temporary_folder(tmp_path):

@@ -135,11 +135,12 @@ def test_the_layers_of_the_tree():
     assert [m for m, imported in graph.items() if m.startswith(("pipeline", "birnn"))
             and any(i.startswith("study") for i in imported)] == []
     # only commands import the entry wrapper; a library module is callable without Hydra's app
-    assert sorted(m for m, imported in graph.items() if "pipeline.entrypoint" in imported
+    assert sorted(m for m, imported in graph.items() if "pipeline.guard.entrypoint" in imported
                   and not m.startswith(ENTRY_MODULES)) == []
     # no stage imports another stage
     assert [(m, i) for m, imported in graph.items() if m.startswith("pipeline.stages.")
             for i in imported if i.startswith("pipeline.stages.")] == []
     # the expected errors are at the bottom: errors.py imports only birnn's error types
-    assert {i for i in graph["pipeline.errors"]} <= {"birnn", "birnn.data", "birnn.training"}
+    assert {i for i in graph["pipeline.guard.errors"]} <= {"birnn", "birnn.data", "birnn.training",
+                                                          "birnn.numerics"}
 

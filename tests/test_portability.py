@@ -14,7 +14,8 @@ from hydra.core.global_hydra import GlobalHydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import open_dict
 
-from pipeline import output_paths, paths, schema
+from pipeline import paths, schema
+from pipeline.guard import output_paths
 from pipeline.stages import train as train_stage
 from pipeline_testkit import ROOT, TINY, copy_project, dvc
 

@@ -17,7 +17,7 @@ from omegaconf import OmegaConf
 
 from birnn.models import build_model
 from pipeline import schema
-from pipeline.errors import ConfigError, StageError
+from pipeline.guard.errors import ConfigError, StageError
 from pipeline.paths import CONF_DIR
 from pipeline.stages.train import make_settings
 from pipeline.sweeps import job as sweep

@@ -1,4 +1,4 @@
-"""Credentials never ride in a tracking URI (issue 14, item 4; pipeline/credentials.py).
+"""Credentials never ride in a tracking URI (issue 14, item 4; pipeline/guard/credentials.py).
 
 A URI carrying them, on the command line, in $MLFLOW_TRACKING_URI or in the config, is refused
 in one line that names where and MLflow's credential variables, never the URI, before anything
@@ -17,7 +17,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from mlflow_server import basic_auth_proxy, mlflow_server
-from pipeline import credentials
+from pipeline.guard import credentials
 from pipeline_testkit import TINY, error_lines, free_port, run, stage
 
 CREDENTIAL_VARIABLES = ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD",

@@ -23,7 +23,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 from omegaconf import OmegaConf
 
-from pipeline import interrupts
+from pipeline.guard import interrupts
 from pipeline.tracking import runs, stale_runs, store
 from pipeline_testkit import TINY, clean_env, run
 

@@ -11,7 +11,7 @@ from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from mlflow.tracking import MlflowClient
 
-from pipeline.errors import StageError
+from pipeline.guard.errors import StageError
 from pipeline import schema  # noqa: F401  (registers the config schemas)
 from pipeline.paths import CONF_DIR
 from pipeline.sweeps import job as sweep

@@ -10,7 +10,7 @@ from types import SimpleNamespace
 import pandas as pd
 import pytest
 
-from pipeline.errors import StageError
+from pipeline.guard.errors import StageError
 from pipeline.sweeps import job as sweep
 from pipeline.sweeps import page, statistics
 from pipeline.sweeps import runs as sweep_runs

@@ -11,7 +11,7 @@ import time
 import pytest
 from omegaconf import OmegaConf
 
-from pipeline.errors import StageError
+from pipeline.guard.errors import StageError
 from pipeline.tracking import metrics, runs, store
 from pipeline_testkit import ROOT, error_lines, free_port, stage
 

@@ -15,8 +15,8 @@ import sys
 
 from omegaconf import OmegaConf
 
-from pipeline import credentials
-from pipeline.errors import expected_errors, one_line
+from pipeline.guard import credentials
+from pipeline.guard.errors import expected_errors, one_line
 from pipeline.tracking import stale_runs, store
 
 

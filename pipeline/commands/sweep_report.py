@@ -7,7 +7,7 @@ writes reports/sweeps/<id>/ (several: reports/sweeps/<id>+<id>/) and logs it to 
 parent run (pipeline.sweeps.report).
 """
 
-from pipeline.entrypoint import stage
+from pipeline.guard.entrypoint import stage
 from pipeline.sweeps.report import sweep_report_task
 
 main = stage("sweep_report")(sweep_report_task)

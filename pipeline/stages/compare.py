@@ -20,8 +20,8 @@ import pandas as pd
 from omegaconf import DictConfig
 
 from pipeline import files
-from pipeline.entrypoint import stage
-from pipeline.errors import StageError
+from pipeline.guard.entrypoint import stage
+from pipeline.guard.errors import StageError
 from pipeline.metric_names import RULES, test_metric
 from pipeline.paths import project_path
 from pipeline.reports import figures, formatting, table_19_12

@@ -17,8 +17,8 @@ import pandas as pd
 from omegaconf import DictConfig
 
 from pipeline import files, prepared_data, scoring
-from pipeline.entrypoint import stage
-from pipeline.errors import StageError
+from pipeline.guard.entrypoint import stage
+from pipeline.guard.errors import StageError
 from pipeline.paths import project_path
 from pipeline.reports import figures
 from pipeline.tracking import runs, store

@@ -16,8 +16,8 @@ from omegaconf import DictConfig
 
 from birnn.data import load_mnist, mnist_files, sha256_file, shuffle_split, verify_manifest
 from pipeline import files, prepared_data
-from pipeline.entrypoint import stage
-from pipeline.errors import ConfigError, StageError
+from pipeline.guard.entrypoint import stage
+from pipeline.guard.errors import ConfigError, StageError
 from pipeline.paths import CONF_DIR, project_path
 
 log = logging.getLogger(__name__)

@@ -30,7 +30,8 @@ from omegaconf import DictConfig, OmegaConf
 from birnn.models import RNNClassifier, build_model
 from birnn.training import LRSchedule, TrainResult, TrainSettings, train
 from pipeline import files, prepared_data, schema, scoring
-from pipeline.entrypoint import stage
+from pipeline.guard import locks
+from pipeline.guard.entrypoint import stage
 from pipeline.metric_names import CHECKPOINT_METRICS, CHECKPOINT_RENAMES, SUMMARY_METRICS
 from pipeline.paths import portable, project_path
 from pipeline.sweeps import job as sweep_job
@@ -257,7 +258,7 @@ def track(client, run_id: str, cfg: DictConfig, inputs: Inputs, result: TrainRes
 def train_task(cfg: DictConfig) -> float:
     """Load, train, publish the outputs, track them; return the best validation loss."""
     client = store.connect(cfg.tracking)  # before the work: an unreachable store fails fast
-    with files.exclusive(project_path(cfg.paths.models_dir) / cfg.name,
+    with locks.exclusive(project_path(cfg.paths.models_dir) / cfg.name,
                          "wait for it to end, or train into another name=..."):
         return _train(client, cfg)
 

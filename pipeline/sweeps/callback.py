@@ -19,8 +19,8 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
 from pipeline import schema
-from pipeline.errors import StageError, exit_with_error, one_line
-from pipeline.interrupts import on_interrupt
+from pipeline.guard.errors import StageError, exit_with_error, one_line
+from pipeline.guard.interrupts import on_interrupt
 from pipeline.sweeps import job as sweep
 from pipeline.tracking import metrics, runs, store
 

@@ -19,7 +19,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
-from pipeline.errors import StageError
+from pipeline.guard.errors import StageError
 from pipeline.tracking import runs, store
 
 log = logging.getLogger(__name__)

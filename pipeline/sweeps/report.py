@@ -14,7 +14,7 @@ import pandas as pd
 from omegaconf import DictConfig, ListConfig
 
 from pipeline import files
-from pipeline.errors import StageError
+from pipeline.guard.errors import StageError
 from pipeline.paths import project_path
 from pipeline.reports import figures, table_19_12
 from pipeline.sweeps import job as sweep

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import pandas as pd
 
-from pipeline.errors import StageError
+from pipeline.guard.errors import StageError
 from pipeline.metric_names import TEST_METRICS
 from pipeline.reports.formatting import training_settings
 from pipeline.sweeps import job as sweep

@@ -16,8 +16,8 @@ from typing import Any, Iterator, Mapping
 from omegaconf import DictConfig, OmegaConf
 
 from birnn import numerics
-from pipeline import interrupts
-from pipeline.errors import StageError, one_line
+from pipeline.guard import interrupts
+from pipeline.guard.errors import StageError, one_line
 from pipeline.files import read_json
 from pipeline.paths import PROJECT_ROOT
 from pipeline.tracking.stale_runs import process_tags
@@ -89,7 +89,7 @@ def new_run(client, experiment: str, run_name: str, tags: Mapping[str, str],
         script: str | os.PathLike | None = None) -> Iterator[str]:
     """Create a run in experiment ``experiment`` (a name; created if needed) and yield its id;
     end it FINISHED, or FAILED with the error as a tag. KeyboardInterrupt (Ctrl-C, and SIGTERM
-    or SIGHUP: pipeline.interrupts) ends it KILLED.
+    or SIGHUP: pipeline.guard.interrupts) ends it KILLED.
     The error is re-raised for the stage to report. ``script``: see :func:`source_tags`.
     """
     created = client.create_run(experiment_id(client, experiment), run_name=run_name,

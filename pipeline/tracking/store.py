@@ -18,8 +18,8 @@ from typing import Iterator
 
 from omegaconf import DictConfig
 
-from pipeline import interrupts
-from pipeline.errors import StageError
+from pipeline.guard import interrupts
+from pipeline.guard.errors import StageError
 from pipeline.paths import tracking_root
 from pipeline.tracking import stale_runs
 
@@ -233,7 +233,7 @@ def connect(tracking: DictConfig, close_stale: bool = True) -> StoreClient:
     (pipeline.tracking.stale_runs).
 
     Raises StageError (one line, naming the URI, which holds no credentials:
-    pipeline.credentials) if it does not
+    pipeline.guard.credentials) if it does not
     answer within about ``tracking.probe_timeout_seconds``.
     """
     from mlflow.tracking import MlflowClient

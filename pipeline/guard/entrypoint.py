@@ -2,11 +2,11 @@
 expected failure in one line (``error: <what>``, exit 1); anything else keeps its traceback.
 
 Before any work, every folder the stage will write or replace is checked
-(pipeline.output_paths): Hydra's own run and sweep folders as given on the command line before
+(pipeline.guard.output_paths): Hydra's own run and sweep folders as given on the command line before
 Hydra creates them, the configured outputs after composition. A read-only or full disk is a
 one-line error too. ``HYDRA_FULL_ERROR`` is set so that Hydra re-raises instead of printing its
 own multi-line report. A URI with credentials, on the command line, in $MLFLOW_TRACKING_URI or
-in the composed config, is refused before anything is written (pipeline.credentials). In a
+in the composed config, is refused before anything is written (pipeline.guard.credentials). In a
 sweep job (``-m``) of a stage that passes ``on_job_failure``, a
 failure is printed as ``error: job <n>: <what>``, recorded and not raised, so that the other
 jobs carry on; the sweep's end hook (pipeline.sweeps.callback) then names the failed jobs and
@@ -31,8 +31,9 @@ from hydra.types import RunMode
 from omegaconf import DictConfig
 
 from birnn import numerics
-from pipeline import credentials, files, interrupts, output_paths, schema
-from pipeline.errors import ConfigError, StageError, exit_with_error, is_expected, one_line
+from pipeline import files, schema
+from pipeline.guard import credentials, interrupts, output_paths
+from pipeline.guard.errors import ConfigError, StageError, exit_with_error, is_expected, one_line
 from pipeline.paths import CONF_DIR
 
 Task = Callable[[DictConfig], "float | None"]
@@ -43,7 +44,7 @@ JobFailureHandler = Callable[[DictConfig, str], None]
 def _reported() -> Iterator[None]:
     try:
         yield
-    except KeyboardInterrupt as exc:  # Ctrl-C, SIGTERM, SIGHUP (pipeline.interrupts)
+    except KeyboardInterrupt as exc:  # Ctrl-C, SIGTERM, SIGHUP (pipeline.guard.interrupts)
         interrupts.run_hooks_and_exit(exc)
     except Exception as exc:
         if interrupts.is_lost_worker(exc):

@@ -18,7 +18,7 @@ import threading
 import time
 from typing import Callable, NoReturn
 
-from pipeline.errors import one_line
+from pipeline.guard.errors import one_line
 
 HANDLED_SIGNALS = (signal.SIGTERM, signal.SIGHUP)
 # The exceptions a launcher raises in the sweep's process when a job's worker process died

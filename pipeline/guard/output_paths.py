@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from fnmatch import fnmatchcase
 from pathlib import Path
 
-from pipeline.errors import ConfigError, StageError
+from pipeline.guard.errors import ConfigError, StageError
 from pipeline import paths
 
 OUTPUT_AREAS = ("models", "metrics", "evaluation", "reports", "data/prepared", "multirun",

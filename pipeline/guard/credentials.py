@@ -10,7 +10,7 @@ token), and a token-like query parameter (``token=``, ``access_token=``, ``api_k
 password may hold ``/``, ``?`` or ``#`` unencoded, which would end a URL's user info early.
 
 The entry wrapper checks the command line and the environment before Hydra creates its output
-folder (pipeline.entrypoint), and the composed config before any work.
+folder (pipeline.guard.entrypoint), and the composed config before any work.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from pathlib import Path
 from collections.abc import Iterable, Mapping
 from typing import Any
 
-from pipeline.errors import StageError
+from pipeline.guard.errors import StageError
 
 ENV_VARS = ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")
 _SCHEME = re.compile(r"([A-Za-z][A-Za-z0-9+.\-]*)\\?:\\?//")   # (Hydra may escape the colon)
