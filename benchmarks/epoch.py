@@ -1,9 +1,14 @@
-"""Seconds per training epoch and peak memory of the numpy RNNs, on the real MNIST data.
+"""Seconds per training epoch and peak memory of the numpy RNNs, on the real MNIST data,
+under the pinned numerics and the CPU's own (birnn.numerics), side by side.
 
     python benchmarks/epoch.py                  # epoch times (median of --repeats) + memory
     python benchmarks/epoch.py --memory-epochs 100   # peak RSS of a full 100-epoch training
 
-Prints one JSON object:
+Prints one JSON object: "pinned" and "native", each the timings below from its own child
+process (numpy's kernels are chosen when it loads), the children alternating --rounds times
+so that a busy machine slows both alike (each timing is the fastest round's median);
+"native_speedup" (pinned / native seconds, per timing), "peak_rss_mib" (pinned) and "machine".
+Timings:
   uni_f64_s, bi_f64_s, uni_f32_s, bi_f32_s  one training epoch: 55,000 sequences, batch 128
                                             (gather and scale a batch of uint8 images, forward,
                                             backward, SGD update; no validation)
@@ -13,13 +18,15 @@ Prints one JSON object:
   peak_rss_mib                              peak resident memory of a child process that loads the
                                             data (uint8, as the train stage passes it) and trains
                                             uni then bi, float64, with checkpoints
-Targets (2-core machine, float64): uni <= 0.8 s, bi <= 1.0 s, peak memory of a full run <= 300 MiB.
+Targets (2-core machine, float64, pinned): uni <= 0.8 s, bi <= 1.0 s, peak memory of a full
+run <= 300 MiB.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import resource
 import statistics
@@ -28,12 +35,12 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
-from threadpoolctl import threadpool_info, threadpool_limits
-
-from birnn import BiRNN, TrainSettings, UniRNN, softmax_cross_entropy, train
+from birnn import BiRNN, TrainSettings, UniRNN, numerics, softmax_cross_entropy, train  # first: the pin
 from birnn.data import load_mnist, shuffle_split
 from birnn.training import model_inputs
+
+import numpy as np  # noqa: E402  (after birnn: see birnn.numerics)
+from threadpoolctl import threadpool_limits  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 MNIST = ROOT / "data" / "raw" / "mnist"
@@ -102,6 +109,27 @@ def own_peak_rss_kib() -> float:
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB (bytes on macOS)
 
 
+def timings_child(mode: str, repeats: int) -> dict:
+    """The timings, measured in a child process that runs ``mode`` numerics."""
+    done = subprocess.run([sys.executable, __file__, "--timings-child", mode, "--repeats", str(repeats)],
+                          env=numerics.environment(mode), check=True, capture_output=True, text=True)
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def side_by_side(repeats: int, rounds: int) -> dict:
+    """Pinned and native timings, alternating child processes; per timing the fastest round."""
+    best: dict[str, dict] = {"pinned": {}, "native": {}}
+    for _ in range(rounds):
+        for mode in best:
+            measured = timings_child(mode, repeats)
+            best[mode]["numerics"] = measured.pop("numerics")
+            for key, seconds in measured.items():
+                best[mode][key] = min(seconds, best[mode].get(key, seconds))
+    speedup = {key: round(best["pinned"][key] / best["native"][key], 2)
+               for key in best["pinned"] if key.endswith("_s")}
+    return {**best, "native_speedup": speedup}
+
+
 def peak_rss_mib(epochs: int) -> float:
     done = subprocess.run([sys.executable, __file__, "--memory-child", str(epochs)],
                           check=True, capture_output=True, text=True)
@@ -113,18 +141,23 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3, help="epochs timed per configuration (median)")
     parser.add_argument("--memory-epochs", type=int, default=2,
                         help="epochs of the memory run (memory is flat after the first; 100 = full book run)")
+    parser.add_argument("--rounds", type=int, default=2,
+                        help="pinned and native child processes, alternating, per mode")
     parser.add_argument("--memory-child", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--timings-child", choices=numerics.MODES, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.memory_child is not None:
         memory_child(args.memory_child)
         return
-    report = timings(args.repeats)
+    if args.timings_child is not None:
+        state = numerics.require(args.timings_child)
+        print(json.dumps({**timings(args.repeats), "numerics": state.tags()}))
+        return
+    report = side_by_side(args.repeats, args.rounds)
     report["peak_rss_mib"] = peak_rss_mib(args.memory_epochs)
     report["memory_epochs"] = args.memory_epochs
-    blas = [f"{i.get('internal_api')} {i.get('version')} {i.get('architecture')}" for i in threadpool_info()
-            if i.get("user_api") == "blas"]
-    report["machine"] = {"python": platform.python_version(), "numpy": np.__version__, "blas": blas,
-                         "cpus": __import__("os").cpu_count()}
+    report["machine"] = {"python": platform.python_version(), "numpy": np.__version__,
+                         "cpu": numerics.cpu_model(), "cpus": os.cpu_count()}
     print(json.dumps(report))
 
 

@@ -347,7 +347,8 @@ def validate(cfg: DictConfig) -> DictConfig:
     if "tracking" in cfg:
         _validate_tracking(cfg.tracking)
     if "numerics" in cfg and cfg.numerics not in numerics.MODES:
-        _fail("numerics", f"must be one of {', '.join(numerics.MODES)}", cfg.numerics)
+        _fail("numerics", f"must be one of {', '.join(numerics.MODES)} (unset, it is "
+              f"${numerics.MODE_ENV}'s)", cfg.numerics)
     if "confidence" in cfg and not 0.5 <= cfg.confidence < 1.0:
         _fail("confidence", "must be in [0.5, 1)", cfg.confidence)
     if "models" in cfg:

@@ -30,6 +30,12 @@ TINY = ("experiment=quick", "train.epochs=1", "train.train_limit=1000", "train.v
         "train.batch_size=100")
 
 
+# The environment a user could have on another CPU: OpenBLAS's Sandybridge kernels (no FMA),
+# numpy without its AVX2 and AVX-512 dispatch targets. Pinned numerics override it.
+OTHER_CPU = {"OPENBLAS_CORETYPE": "Sandybridge",
+             "NPY_DISABLE_CPU_FEATURES": "X86_V3 X86_V4 AVX512_ICL AVX512_SPR"}
+
+
 def clean_env(**extra: str) -> dict[str, str]:
     """The environment for a stage: this interpreter's bin first on PATH (dvc.yaml calls
     `python`), no tracking URI or DVC variables inherited from the caller."""

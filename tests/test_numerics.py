@@ -15,10 +15,8 @@ import sys
 import pytest
 
 from birnn import numerics
-from pipeline_testkit import error_lines, run, run_sweep, stage, sweep_store
+from pipeline_testkit import OTHER_CPU, error_lines, run, run_sweep, stage, sweep_store
 
-OTHER_CPU = {"OPENBLAS_CORETYPE": "Sandybridge",
-             "NPY_DISABLE_CPU_FEATURES": "X86_V3 X86_V4 AVX512_ICL AVX512_SPR"}
 QUICK = ("experiment=quick", "model=uni", "register_model=false")
 
 pytestmark = pytest.mark.skipif(numerics.unpinnable_reason() is not None,
@@ -100,14 +98,29 @@ def test_numpy_loaded_unpinned_refuses_to_train(workspace):
 def test_numerics_is_checked_in_one_line(workspace):
     result = stage("train", *QUICK, *workspace["paths"], "numerics=fast")
     assert error_lines(result) == ["error: config error: numerics: must be one of pinned, "
-                                   "native, got 'fast'"]
+                                   "native (unset, it is $BIRNN_NUMERICS's), got 'fast'"]
     result = stage("train", "-m", *QUICK, *workspace["paths"], "numerics=pinned,native")
     assert result.returncode == 1
     assert error_lines(result) == ["error: config error: numerics: cannot be swept; a sweep "
                                    "runs one mode "
                                    "(numerics=pinned or numerics=native)"]
     result = stage("train", *QUICK, *workspace["paths"], BIRNN_NUMERICS="fast")
-    assert error_lines(result) == ["error: BIRNN_NUMERICS='fast': must be one of pinned, native"]
+    assert error_lines(result) == ["error: config error: numerics: must be one of pinned, "
+                                   "native (unset, it is $BIRNN_NUMERICS's), got 'fast'"]
+
+
+def test_a_config_cannot_switch_a_process_that_has_loaded_numpy():
+    # numerics=native set in a config file (not on the command line): refused, one line.
+    from omegaconf import OmegaConf
+
+    from pipeline.guard import entrypoint
+
+    with pytest.raises(numerics.NumericsError) as refused:
+        entrypoint.check_numerics(OmegaConf.create({"numerics": "native"}))
+    assert str(refused.value) == (
+        "numerics=native but this process runs pinned numerics, which are chosen before numpy "
+        "loads: set BIRNN_NUMERICS=native in the environment (or give numerics=native on the "
+        "command line)")
 
 
 def test_a_native_child_gets_the_outer_environment_back(monkeypatch):
@@ -123,3 +136,19 @@ def test_a_native_child_gets_the_outer_environment_back(monkeypatch):
 def test_this_test_process_is_pinned():
     # conftest imports birnn first: what the tests compute, they compute pinned.
     assert numerics.require("pinned").mode == "pinned"
+
+
+def test_a_cpu_that_cannot_run_the_pin_is_said_and_recorded(monkeypatch, caplog):
+    from omegaconf import OmegaConf
+
+    from pipeline.guard import entrypoint
+
+    monkeypatch.setattr(numerics, "unpinnable_reason", lambda: "this x86-64 CPU has no AVX2")
+    state = numerics.require("pinned")  # not refused: nothing better can run here
+    assert state.mode == "unpinned"
+    assert state.tags()["numerics.reason"] == "this x86-64 CPU has no AVX2"
+    with caplog.at_level("WARNING"):
+        entrypoint.check_numerics(OmegaConf.create({"numerics": "pinned"}))
+    (record,) = [r for r in caplog.records if r.levelname == "WARNING"]
+    assert "\n" not in record.getMessage()
+    assert record.getMessage().startswith("numerics: not pinned, as this x86-64 CPU has no AVX2")

@@ -34,8 +34,12 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 import slurm_cluster
+from birnn import numerics
 from pipeline.sweeps import job as sweep
-from pipeline_testkit import CHECKPOINT_METRICS, ROOT, clean_env, stage
+from pipeline_testkit import CHECKPOINT_METRICS, OTHER_CPU, ROOT, clean_env, stage
+
+# Jobs run pinned whatever their environment says (OTHER_CPU), where this CPU can run the pin.
+PINNED = "unpinned" if numerics.unpinnable_reason() else "pinned"
 
 spec = importlib.util.spec_from_file_location(
     "local_tracking_server", ROOT / "scripts" / "local_tracking_server.py")
@@ -114,7 +118,8 @@ def test_a_sweep_runs_as_slurm_jobs_tracked_on_the_shared_server(cluster, server
     result = subprocess.run(
         sweep_command(prepared_dir, sweep_dir, "model=uni,bi",
                       "train.seed=0,1", "train.epochs=1"),
-        env=sweep_env(cluster, server), capture_output=True, text=True, timeout=400)
+        env={**sweep_env(cluster, server), **OTHER_CPU}, capture_output=True, text=True,
+        timeout=400)
     elapsed = time.monotonic() - started
     assert result.returncode == 0, result.stderr[-3000:] + cluster.log_tail()
     assert f"sweep {sweep_id}: 4 jobs finished" in result.stdout, result.stdout[-2000:]
@@ -135,6 +140,7 @@ def test_a_sweep_runs_as_slurm_jobs_tracked_on_the_shared_server(cluster, server
     client = MlflowClient(tracking_uri=server.uri)
     for run in runs.values():
         assert run.info.status == "FINISHED"
+        assert run.data.tags["numerics"] == PINNED  # under another CPU's environment
         assert [m.step for m in client.get_metric_history(run.info.run_id,
                                                           CHECKPOINT_METRICS[0])] == [4, 9]
 
@@ -245,7 +251,7 @@ def test_ray_runs_the_same_sweep_into_the_shared_server(server, prepared_dir, tm
     result = subprocess.run(
         sweep_command(prepared_dir, sweep_dir, "model=uni,bi", "train.seed=0,1",
                       "train.epochs=1", "hydra.launcher.ray.init.num_cpus=2", launcher="ray_local"),
-        env=clean_env(MLFLOW_TRACKING_URI=server.uri, RAY_AUTH_MODE="disabled"),
+        env=clean_env(MLFLOW_TRACKING_URI=server.uri, RAY_AUTH_MODE="disabled", **OTHER_CPU),
         capture_output=True, text=True, timeout=400)
     elapsed = time.monotonic() - started
     assert result.returncode == 0, result.stderr[-3000:]
@@ -255,6 +261,7 @@ def test_ray_runs_the_same_sweep_into_the_shared_server(server, prepared_dir, tm
     assert sorted((r.data.params["model.kind"], r.data.params["train.seed"])
                   for r in runs.values()) == [("bi", "0"), ("bi", "1"), ("uni", "0"), ("uni", "1")]
     assert all(run.info.status == "FINISHED" for run in runs.values())
+    assert {run.data.tags["numerics"] for run in runs.values()} == {PINNED}
     built = report(server, tmp_path, sweep_id)
     assert built.returncode == 0, built.stderr[-3000:]
     text = (tmp_path / "reports" / "sweeps" / sweep_id / "report.md").read_text()
