@@ -130,8 +130,7 @@ def evaluation_run(client, tracked: Tracked, cfg: DictConfig, meta: dict):
             "model_name": tracked.name, "seed": str(seed), "data_sha256": data_sha256,
             **runs.weights_tags(digest),
             "training_run": "not in this store: " + tracked.reason}
-    params = {key: value for key, value in runs.flatten(
-        {key: config[key] for key in ("model", "train") if key in config}).items()}
+    params = runs.flatten({key: config[key] for key in ("model", "train") if key in config})
     return _new_evaluation_run(client, experiment, run_name, tags, params, where, tracked.reason)
 
 
