@@ -112,3 +112,8 @@ def test_each_experiment_shows_its_state_and_only_a_success_its_numbers(executor
     frame = exp_show.table(shown)
     assert frame["state"].iloc[2] == expected
     assert frame["uni\nmnist"].iloc[2] == ("50.00%" if expected == "success" else "-")
+
+
+def test_every_line_fits_120_columns_with_a_failed_experiment():
+    page = exp_show.render(exp_show.table(json.loads(FAILED_QUEUED.read_text())))
+    assert max(len(line) for line in page.splitlines()) <= 120, page

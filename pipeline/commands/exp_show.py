@@ -124,8 +124,8 @@ def render(frame: pd.DataFrame) -> str:
         lines.append("all rows: " + ", ".join(f"{column.replace(chr(10), ' ')} "
                                               f"{frame[column].iloc[0]}"
                                               for column in same))
-    lines.append("uni/bi <dataset>: test accuracy with the best validation parameters (none "
-                 "unless the experiment succeeded); every column: dvc exp show")
+    lines.append("uni/bi <dataset>: test accuracy with the best validation parameters, of "
+                 "a success only; every column: dvc exp show")
     return "\n".join(lines)
 
 
