@@ -58,7 +58,7 @@ else
 	dvc repro
 endif
 
-exp-show: setup           ## dvc exp show in 120 columns: each experiment's preset, epochs, changed settings, test accuracy
+exp-show: setup           ## dvc exp show in 120 columns: each experiment's state, preset, epochs, changed settings, test accuracy
 	python -m pipeline.commands.exp_show $(ARGS)
 
 sweep: setup              ## the book configuration over 5 seeds, one job per core (~8 min on 2), then its report

@@ -145,6 +145,9 @@ class CompareStage:
     dataset: str = "mnist"
     models: List[str] = field(default_factory=lambda: ["uni", "bi"])  # uni first, as the book
     run_name: str = "table-19-12-${dataset}"
+    # the preset the models were trained with (dvc.yaml passes params.yaml's); None: the
+    # training runs' preset tag
+    preset: Optional[str] = None
     numerics: str = "pinned"  # or native: birnn.numerics
 
 

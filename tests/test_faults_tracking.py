@@ -257,7 +257,9 @@ def _store(tmp_path: Path) -> tuple[str, MlflowClient, str]:
     return uri, client, client.create_experiment("x", artifact_location=(tmp_path / "a").as_uri())
 
 
-def test_evaluate_refuses_a_deleted_run(tmp_path, prepared_dir):
+def test_evaluate_records_a_model_of_a_deleted_run_into_a_new_run(tmp_path, prepared_dir):
+    """Results written into a deleted run would vanish from the UI (and go with it at
+    `mlflow gc`): evaluate records them into a run of their own and says how to restore."""
     uri, client, experiment = _store(tmp_path)
     run_id = client.create_run(experiment).info.run_id
     client.delete_run(run_id)
@@ -265,6 +267,9 @@ def test_evaluate_refuses_a_deleted_run(tmp_path, prepared_dir):
     model = build_model("uni", seed=1, hidden_size=8)
     model.save(folder / "best.npz")
     model.save(folder / "last.npz")
+    (folder / "config.yaml").write_text(
+        "dataset: mnist\nname: uni\nmodel: {kind: uni, hidden_size: 8}\ntrain: {seed: 1}\n"
+        "tracking: {experiment_name: x}\n")
     (folder / "run.json").write_text(json.dumps(
         {"run_id": run_id, "dataset": "mnist",
          "data_sha256": prepared_data.fingerprint(prepared_data.read_meta(prepared_dir))}))
@@ -273,13 +278,16 @@ def test_evaluate_refuses_a_deleted_run(tmp_path, prepared_dir):
                    f"paths.metrics_dir={tmp_path / 'metrics'}",
                    f"paths.evaluation_dir={tmp_path / 'evaluation'}", f"tracking.uri={uri}",
                    timeout=120)
-    assert result.returncode == 1
-    assert error_lines(result) == [
-        f"error: {folder / 'run.json'}: run {run_id} is deleted in tracking store {uri}: "
-        f"restore it (MLFLOW_TRACKING_URI={uri} mlflow runs restore --run-id {run_id}) or "
-        "retrain it (python -m pipeline.stages.train dataset=mnist model=uni)"], result.stderr
+    assert result.returncode == 0, result.stderr
+    [line] = [line for line in (result.stdout + result.stderr).splitlines() if "WARNING" in line]
+    assert (f"{folder}: its training run {run_id} is deleted in tracking store {uri} (restore "
+            f"it with MLFLOW_TRACKING_URI={uri} mlflow runs restore --run-id {run_id} to record "
+            "there); recording its evaluation in a new run") in line
+    assert "of experiment 'x'" in line  # the model's, from its config.yaml
     assert client.get_run(run_id).data.metrics == {}
-    assert not (tmp_path / "metrics").exists()
+    [new] = client.search_runs([experiment], "tags.stage = 'evaluate'")
+    assert new.info.run_name.startswith("uni-mnist-seed1 (weights ")
+    assert (tmp_path / "metrics" / "test.json").is_file()
 
 
 def test_compare_refuses_a_deleted_registered_model_before_moving_any_alias(tmp_path):
@@ -301,10 +309,16 @@ def test_compare_refuses_a_deleted_registered_model_before_moving_any_alias(tmp_
         client.set_registered_model_alias(registered, "book", "1")
         model_dir = tmp_path / "models" / name
         model_dir.mkdir(parents=True)
+        (model_dir / "config.yaml").write_text(
+            f"dataset: mnist\nname: {name}\ntrain: {{seed: 0}}\ntracking: {{experiment_name: x}}\n")
+        sizes = {"hidden_size": 4} if name == "uni" else {"hidden_fwd": 4, "hidden_bwd": 4}
+        build_model(name, seed=0, **sizes).save(model_dir / "best.npz")
         (model_dir / "run.json").write_text(json.dumps(
             {"run_id": run_id, "registered_model": registered, "model_version": int(version)}))
         (tmp_path / "metrics").mkdir(exist_ok=True)
         (tmp_path / "metrics" / f"history_{name}.csv").write_text("epoch,val_loss\n1,0.5\n")
+        (tmp_path / "metrics" / f"train_{name}.json").write_text(
+            json.dumps({"best_epoch": 1, "best_iteration": 10}))
         (tmp_path / "evaluation" / name).mkdir(parents=True)
         (tmp_path / "evaluation" / name / "details.json").write_text(
             json.dumps({"best": {"confusion": [[1]]}}))

@@ -212,9 +212,9 @@ def test_dvc_queue_runs_copies_that_track_into_the_projects_store(tmp_path_facto
     assert max(map(len, lines)) <= 120, shown.stdout
     experiment_rows = [line.split() for line in lines if line.startswith("└ ")]
     assert len(experiment_rows) == 2, shown.stdout
-    for cells in experiment_rows:  # └ name preset epochs seed uni-mnist bi-mnist
-        _, _, preset, epochs, seed, uni, bi = cells
-        assert (preset, epochs) == ("quick", "3")
+    for cells in experiment_rows:  # └ name state preset epochs seed uni-mnist bi-mnist
+        _, _, state, preset, epochs, seed, uni, bi = cells
+        assert (state, preset, epochs) == ("success", "quick", "3")
         test_json = experiments[int(seed)]["metrics"]["metrics/mnist/test.json"]["data"]
         assert (uni, bi) == (f"{test_json['uni']['best']['accuracy']:.2%}",
                              f"{test_json['bi']['best']['accuracy']:.2%}")

@@ -20,6 +20,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from pipeline import prepared_data
+from pipeline.tracking import runs
 from pipeline.metric_names import PER_CLASS_TABLE, SUMMARY_METRICS
 from pipeline_testkit import (CHECKPOINT_METRICS, RAW_MNIST, TEST_METRICS, commit_all,
                               copy_project, dvc, error_lines, http, model_server, prepare_into,
@@ -113,7 +114,7 @@ def test_evaluate_without_training_names_the_missing_file(prepared_dir, tmp_path
                    f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}", timeout=60)
     assert result.returncode == 1
     assert error_lines(result) == [
-        f"error: {tmp_path / 'models' / 'uni' / 'run.json'}: no such file: train this model "
+        f"error: {tmp_path / 'models' / 'uni' / 'best.npz'}: no such file: train this model "
         "first (python -m pipeline.stages.train dataset=mnist model=uni)"]
 
 
@@ -258,8 +259,9 @@ def test_compare_refuses_runs_of_another_dataset(quick, tmp_path):
         f"paths.reports_dir={tmp_path / 'reports'}", f"tracking.uri={quick['client'].tracking_uri}",
         timeout=120)
     assert result.returncode == 1
-    assert error_lines(result) == [f"error: {project / 'models' / 'mnist'}: the runs were "
-                                   "trained on mnist, not fashion_mnist: retrain"]
+    assert error_lines(result) == [f"error: {project / 'models' / 'mnist'}: the models were "
+                                   "trained on mnist, not fashion_mnist (their config.yaml): "
+                                   "retrain"]
     assert not (tmp_path / "reports").exists()
 
 
@@ -504,23 +506,123 @@ def test_a_forced_rerun_of_the_same_numbers_leaves_git_status_clean(quick):
     assert_report_equals_tracked_metrics(quick)
 
 
-def test_a_run_json_beside_other_weights_is_refused_in_one_line(quick, tmp_path):
+def evaluation_lines(result) -> list[str]:
+    """The lines in which evaluate says where it records a model whose training run is not
+    known here."""
+    return [line for line in (result.stdout + result.stderr).splitlines()
+            if "its evaluation" in line and "WARNING" in line]
+
+
+def outputs_copy(project, tmp_path) -> dict:
+    """The project's MNIST model folders (without run.json) and metrics in tmp_path, and the
+    overrides that point a stage at them and at an empty store there."""
+    shutil.copytree(project / "models" / "mnist", tmp_path / "models")
+    for run_json in (tmp_path / "models").rglob("run.json"):
+        run_json.unlink()
+    shutil.copytree(project / "metrics" / "mnist", tmp_path / "metrics")
+    db = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    return {"db": db, "client": MlflowClient(db),
+            "paths": (f"paths.models_dir={tmp_path / 'models'}",
+                      f"paths.metrics_dir={tmp_path / 'metrics'}",
+                      f"paths.evaluation_dir={tmp_path / 'evaluation'}",
+                      f"paths.reports_dir={tmp_path / 'reports'}", f"tracking.uri={db}")}
+
+
+def test_evaluate_and_compare_need_no_run_json_nor_the_training_store(quick, tmp_path):
+    """As after dvc pull on another machine: the model folders without run.json, an empty
+    store. evaluate writes the same files and records each model into a new run of the
+    experiment named by its weights (one line each); run again, it adds no run; compare
+    writes the same report and links those runs."""
     project = quick["project"]
+    copy = outputs_copy(project, tmp_path)
+    client = copy["client"]
+
+    first = stage("evaluate", *copy["paths"], cwd=project, timeout=300)
+
+    assert first.returncode == 0, first.stderr[-3000:]
+    lines = evaluation_lines(first)
+    assert len(lines) == 2, first.stderr
+    for name, line in zip(("uni", "bi"), lines):
+        assert f"{tmp_path / 'models' / name}: no run.json beside it" in line
+        assert "recording its evaluation in a new run" in line
+        assert "of experiment 'birnn-table-19-12', which names it by its weights' sha256" in line
+    assert (tmp_path / "metrics" / "test.json").read_bytes() == \
+        (project / "metrics" / "mnist" / "test.json").read_bytes()
+    experiment = client.get_experiment_by_name("birnn-table-19-12")
+    evaluations = client.search_runs([experiment.experiment_id], "tags.stage = 'evaluate'")
+    assert len(evaluations) == 2
+    test = json.loads((tmp_path / "metrics" / "test.json").read_text())
+    for evaluation in evaluations:
+        tags, name = evaluation.data.tags, evaluation.data.tags["model_name"]
+        digest = runs.weights_digest(tmp_path / "models" / name)
+        assert tags["weights_sha256_best"] == digest["best.npz"]
+        assert tags["weights_sha256_last"] == digest["last.npz"]
+        assert tags["dataset"] == "mnist" and tags["training_run"].startswith("not in this store")
+        assert evaluation.info.run_name == f"{name}-mnist-seed0 (weights {digest['best.npz'][:12]})"
+        assert evaluation.info.status == "FINISHED"
+        assert evaluation.data.metrics["test_acc_best"] == test[name]["best"]["accuracy"]
+        assert evaluation.data.params["model.kind"] == name
+        assert "whose training run is not in this store" in evaluation.data.tags[
+            "mlflow.note.content"]
+
+    again = stage("evaluate", *copy["paths"], cwd=project, timeout=300)
+
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert all("is recorded in run" in line for line in evaluation_lines(again))
+    assert len(client.search_runs([experiment.experiment_id], "tags.stage = 'evaluate'")) == 2
+    for evaluation in evaluations:  # one set of results each, not two
+        assert len(client.get_metric_history(evaluation.info.run_id, "test_acc_best")) == 1
+
+    compared = stage("compare", "preset=quick", *copy["paths"], cwd=project, timeout=300)
+
+    assert compared.returncode == 0, compared.stderr[-3000:]
+    for name in ("report.md", "table.csv"):
+        assert (tmp_path / "reports" / "table_19_12" / "mnist" / name).read_bytes() == \
+            (project / "reports" / "table_19_12" / "mnist" / name).read_bytes()
+    [report] = client.search_runs([experiment.experiment_id], "tags.stage = 'compare'")
+    assert sorted(report.data.tags["compared_run_ids"].split(",")) == \
+        sorted(r.info.run_id for r in evaluations)
+
+
+def test_compare_without_any_run_writes_the_same_report(quick, tmp_path):
+    """compare alone against an empty store (no evaluate there): the page is the files'."""
+    project = quick["project"]
+    copy = outputs_copy(project, tmp_path)
+    shutil.copytree(project / "evaluation" / "mnist", tmp_path / "evaluation")
+
+    compared = stage("compare", "preset=quick", *copy["paths"], cwd=project, timeout=300)
+
+    assert compared.returncode == 0, compared.stderr[-3000:]
+    assert (tmp_path / "reports" / "table_19_12" / "mnist" / "report.md").read_bytes() == \
+        (project / "reports" / "table_19_12" / "mnist" / "report.md").read_bytes()
+    assert "the report run links no run for uni" in compared.stdout + compared.stderr
+
+
+def test_compare_names_the_models_as_train_registers_them():
+    from pipeline.stages import compare, train
+
+    assert compare.REGISTERED_MODEL == train.REGISTERED_MODEL
+
+
+def test_a_run_json_beside_other_weights_is_not_trusted(quick, tmp_path):
+    """A run.json left beside other weights (an old commit's models restored by DVC, say)
+    describes another model: evaluate records into a run of its own and says why."""
+    project = quick["project"]
+    copy = outputs_copy(project, tmp_path)
     models = tmp_path / "models"
-    shutil.copytree(project / "models" / "mnist", models)
-    shutil.copy(models / "bi" / "run.json", models / "uni" / "run.json")  # bi's, beside uni's
+    shutil.copy(project / "models" / "mnist" / "bi" / "run.json", models / "uni" / "run.json")
 
-    result = stage("evaluate", f"paths.models_dir={models}",
-                   f"paths.evaluation_dir={tmp_path / 'evaluation'}",
-                   f"paths.metrics_dir={tmp_path / 'metrics'}", cwd=project, timeout=120)
+    result = stage("evaluate", *copy["paths"], cwd=project, timeout=300)
 
-    assert result.returncode == 1
-    [line] = error_lines(result)
-    assert line.startswith(f"error: {models / 'uni' / 'run.json'}: describes run "
-                           f"{training_run(quick, 'bi').info.run_id}'s weights, not the ones "
-                           f"in {models / 'uni'}")
-    assert line.endswith("retrain it (python -m pipeline.stages.train dataset=mnist model=uni)")
-    assert not (tmp_path / "evaluation").exists() and not (tmp_path / "metrics").exists()
+    assert result.returncode == 0, result.stderr[-3000:]
+    uni, bi = evaluation_lines(result)
+    assert uni.split(" - ", 1)[1].startswith(
+        f"{models / 'uni'}: its run.json describes run {training_run(quick, 'bi').info.run_id}'s "
+        "weights, not these (another training wrote them, or DVC restored them without it); "
+        "recording its evaluation in a new run")
+    assert f"{models / 'bi'}: no run.json beside it" in bi
+    assert (tmp_path / "metrics" / "test.json").read_bytes() == \
+        (project / "metrics" / "mnist" / "test.json").read_bytes()
 
 
 def test_exp_run_with_a_bi_hyperparameter_reruns_only_what_depends_on_it(quick):

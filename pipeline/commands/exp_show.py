@@ -3,7 +3,9 @@
     python -m pipeline.commands.exp_show [dvc exp show options, e.g. -A or -n 5]   (make exp-show)
 
 `dvc exp show` lists every tracked param, dep and metric (about 145 columns); this keeps the
-ones that tell the experiments apart, under short names, from its --json output.
+ones that tell the experiments apart, under short names, from its --json output, with each
+experiment's state (queued, running, success, failed): one that has not succeeded shows no
+test accuracy, since its metrics files are still its baseline's.
 """
 
 from __future__ import annotations
@@ -16,15 +18,15 @@ import pandas as pd
 
 # (column, params file, key): the settings a user varies with dvc exp run -S
 # (two-line headers keep the table within 120 columns)
-SETTINGS = [("uni\nhidden", "conf/model/uni.yaml", "hidden_size"),
+SETTINGS = [("uni\nunits", "conf/model/uni.yaml", "hidden_size"),
             ("uni\nlr", "conf/model/uni.yaml", "lr"),
-            ("bi\nhidden", "conf/model/bi.yaml", "hidden_fwd"),
+            ("bi\nunits", "conf/model/bi.yaml", "hidden_fwd"),
             ("bi\nmerge", "conf/model/bi.yaml", "merge"),
             ("bi\nlr", "conf/model/bi.yaml", "lr"),
             ("seed", "conf/train/default.yaml", "seed")]
 # keys of conf/train/default.yaml that a preset (conf/experiment/<preset>.yaml) may override
 PRESET_KEYS = ("epochs",)
-SHORT_DATASET = {"mnist": "mnist", "fashion_mnist": "fashion"}
+SHORT_DATASET = {"mnist": "mnist", "fashion_mnist": "fmnist"}
 
 
 def _get(tree: dict | None, dotted: str):
@@ -43,17 +45,32 @@ def _text(value) -> str:
     return "-" if value is None else str(value)
 
 
-def row(name: str, data: dict) -> dict[str, str]:
-    """One experiment's row, from its ``data`` in dvc exp show --json."""
+def state(experiment: dict, rev: dict) -> str:
+    """An experiment's state from dvc exp show --json: its executor's (queued, running,
+    success, failed), "failed" if DVC records an error for it, "success" for an experiment
+    without an executor (run in the workspace, or pulled: a finished experiment commit)."""
+    if rev.get("error"):
+        return "failed"
+    executor = experiment.get("executor") or {}
+    return str(executor.get("state") or "success")
+
+
+def row(name: str, data: dict, status: str = "") -> dict[str, str]:
+    """One experiment's row, from its ``data`` in dvc exp show --json; ``status``: its state
+    (blank for the workspace and baselines). An experiment that has not succeeded shows no
+    test results: its files are its baseline's (a queued or failed experiment never wrote
+    its own), and showing them would pass them off as its own."""
     preset = _file(data, "params", "params.yaml").get("experiment")
     overrides = _file(data, "params", f"conf/experiment/{preset}.yaml")
-    trained = {"experiment": name, "preset": _text(preset)}
+    trained = {"experiment": name, "state": status, "preset": _text(preset)}
     for key in PRESET_KEYS:  # what the run trained with: the preset's value wins
         value = _get(overrides, f"train.{key}")
         trained[key] = _text(value if value is not None else
                              _file(data, "params", "conf/train/default.yaml").get(key))
     for column, path, key in SETTINGS:
         trained[column] = _text(_file(data, "params", path).get(key))
+    if status not in ("", "success"):
+        return trained
     # MNIST first, as in params.yaml
     for path, content in sorted((data.get("metrics") or {}).items(),
                                 key=lambda item: "/mnist/" not in item[0]):
@@ -78,8 +95,8 @@ def table(shown: list[dict]) -> pd.DataFrame:
             rows.append(row(label, baseline["data"]))
         for experiment in baseline.get("experiments") or ():
             for rev in experiment["revs"]:
-                if rev.get("data"):
-                    rows.append(row(f"└ {rev.get('name') or rev['rev'][:7]}", rev["data"]))
+                name = f"└ {rev.get('name') or experiment.get('name') or rev['rev'][:7]}"
+                rows.append(row(name, rev.get("data") or {}, state(experiment, rev)))
     return pd.DataFrame(rows).fillna("-")
 
 
@@ -107,8 +124,8 @@ def render(frame: pd.DataFrame) -> str:
         lines.append("all rows: " + ", ".join(f"{column.replace(chr(10), ' ')} "
                                               f"{frame[column].iloc[0]}"
                                               for column in same))
-    lines.append("uni/bi <dataset>: test accuracy with the best validation parameters; "
-                 "every column: dvc exp show")
+    lines.append("uni/bi <dataset>: test accuracy with the best validation parameters, of "
+                 "a success only; every column: dvc exp show")
     return "\n".join(lines)
 
 

@@ -109,13 +109,14 @@ FIGURES = {"validation_curves.png": "Validation loss and accuracy during trainin
 
 def models_line(models: Mapping[str, tuple[str, int, str | None]], ids: bool) -> str:
     """'The models: `models:/birnn-mnist-uni@book`, ...' for the registered models
-    (``models[name]`` = (registered name, version, alias or None)), with '(version 3)' if
-    ``ids``; empty if there are none."""
+    (``models[name]`` = (registered name, version or None if not in this store, alias or
+    None)), with '(version 3)' if ``ids``; empty if there are none."""
     shown = [f"`models:/{registered}@{alias}`" if alias else f"`models:/{registered}/{version}`"
              for registered, version, alias in models.values()]
     if not shown:
         return ""
-    listed = ", ".join(f"{uri} (version {version})" if ids else uri
+    listed = ", ".join(f"{uri} (version {version})" if ids and version is not None
+                       else f"{uri} (not in this store)" if ids else uri
                        for uri, (_, version, _) in zip(shown, models.values()))
     return (f"\nThe models, registered in MLflow: {listed}; load one with "
             "`mlflow.pyfunc.load_model(<uri>)` or serve it with `mlflow models serve -m <uri>`.\n")

@@ -218,6 +218,66 @@ def read_run_info(model_dir: Path, dataset: str) -> dict:
     return info
 
 
+WEIGHTS_TAGS = {"best.npz": "weights_sha256_best", "last.npz": "weights_sha256_last"}
+EVALUATION_STAGE = "evaluate"  # the stage tag of a run that records an evaluation only
+
+
+def linked_run_info(model_dir: Path) -> tuple[dict | None, str]:
+    """models/<dataset>/<name>/run.json if it describes the weights beside it, else None and
+    why not. run.json is local bookkeeping outside DVC (.dvcignore): a model folder restored
+    by DVC (dvc pull, a queued experiment's copy, an old commit checked out) has none, or
+    the one of other weights. A run.json that is there but unreadable is an error."""
+    path = model_dir / "run.json"
+    if not path.exists():
+        return None, "no run.json beside it (DVC restores a model folder without one)"
+    info = read_json(path, hint="delete it, or retrain the model", shape={"run_id": str})
+    recorded = info.get("weights_sha256")  # (absent in a run.json of before it was recorded)
+    if recorded is not None and recorded != weights_digest(model_dir):
+        return None, (f"its run.json describes run {info['run_id']}'s weights, not these "
+                      "(another training wrote them, or DVC restored them without it)")
+    return info, ""
+
+
+def find_run(client, run_id: str):
+    """The run ``run_id`` and "" if the store holds it, not deleted; else None and why not."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        run = client.get_run(run_id)
+    except MlflowException:
+        return None, f"its training run {run_id} is not in tracking store {client.tracking_uri}"
+    if run.info.lifecycle_stage == "deleted":
+        return None, (f"its training run {run_id} is deleted in tracking store "
+                      f"{client.tracking_uri} (restore it with MLFLOW_TRACKING_URI="
+                      f"{client.tracking_uri} mlflow runs restore --run-id {run_id} to record "
+                      "there)")
+    return run, ""
+
+
+def weights_tags(digest: Mapping[str, str]) -> dict[str, str]:
+    """The tags that name a model by its weights: the sha256 of best.npz and last.npz."""
+    return {tag: digest[name] for name, tag in WEIGHTS_TAGS.items() if name in digest}
+
+
+def find_evaluation_run(client, experiment: str, digest: Mapping[str, str], dataset: str,
+                        data_sha256: str | None = None):
+    """The newest finished run of experiment ``experiment`` (a name) that records an
+    evaluation of the weights ``digest`` (:func:`weights_digest`) on ``dataset`` (and on the
+    prepared data ``data_sha256``, if given): what evaluate made for a model whose training
+    run is not in this store. None if there is none."""
+    found = client.get_experiment_by_name(experiment)
+    tags = weights_tags(digest)
+    if found is None or found.lifecycle_stage == "deleted" or len(tags) != len(WEIGHTS_TAGS):
+        return None
+    wanted = {**tags, "stage": EVALUATION_STAGE, "dataset": dataset,
+              **({"data_sha256": data_sha256} if data_sha256 else {})}
+    query = " and ".join([*(f"tags.{key} = '{value}'" for key, value in wanted.items()),
+                          "attributes.status = 'FINISHED'"])
+    page = client.search_runs([found.experiment_id], filter_string=query, max_results=1,
+                              order_by=["attributes.start_time DESC"])
+    return page[0] if page else None
+
+
 def require_run(client, run_id: str, where: str, retrain: str = "retrain the model"):
     """The run ``run_id`` (named in file ``where``) from the store, or a one-line StageError.
     A deleted run is refused too: results written into it would vanish from the UI, and go
