@@ -69,7 +69,7 @@ sweep: setup              ## the book configuration over 5 seeds, one job per co
 findings: setup           ## reports/findings.md from the sweeps named in study/conf/findings.yaml
 	python -m study.findings
 
-test: $(VENV)/.installed-test   ## the fast test suite (a few minutes on 2 cores)
+test: $(VENV)/.installed-test .dvc/plots/offline.html   ## the fast test suite (a few minutes on 2 cores)
 	python -m pytest
 
 test-slow: $(VENV)/.installed-test   ## the long checks: the full book configuration end to end
