@@ -11,8 +11,8 @@ from here, with each cell's per-image correctness from the sweep reports' predic
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Mapping
 
 import numpy as np
 from scipy import stats
@@ -43,7 +43,7 @@ def resampled_contrasts(correct: Mapping[str, np.ndarray],
     for name, weights in contrasts.items():
         unknown = set(weights) - set(cells)
         if unknown:
-            raise ValueError(f"contrast {name}: no cell {sorted(unknown)[0]!r}")
+            raise ValueError(f"contrast {name}: no cell {min(unknown)!r}")
     matrices = {cell: np.asarray(correct[cell], dtype=np.float64) for cell in cells}
     point_cells = {cell: float(m.mean()) for cell, m in matrices.items()}
     point = {name: sum(w * point_cells[c] for c, w in weights.items())

@@ -16,8 +16,8 @@ from __future__ import annotations
 import io
 import logging
 import tempfile
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Mapping
 
 import numpy as np
 import pandas as pd
