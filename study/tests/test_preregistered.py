@@ -60,8 +60,8 @@ def test_cells_from_committed_files_and_missing_cells_count_as_p_1(tmp_path):
     assert cells["uni constant"].correct.shape == (4, 3000)
     assert cells["bi constant"].correct is None
     assert cells["bi constant"].problems == ["0 of 4 seeds committed"]
-    found = dict((e["id"], c) for e, c in preregistered.analyse_family(
-        REGISTRATION["family"], cells, 500, 25))
+    found = {e["id"]: c for e, c in preregistered.analyse_family(
+        REGISTRATION["family"], cells, 500, 25)}
     assert found["P1"].p == 1.0 and np.isnan(found["P1"].value)
     assert found["P4"].value > 0.04 and found["P4"].rejected and found["P4"].low > 0
     # m = 3 counts the missing comparisons: P4 is tested at 0.05 / 3 first
