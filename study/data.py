@@ -1,10 +1,12 @@
 """The study's data: the committed per-run tables of the sweep reports
 (reports/sweeps/<report>/runs.csv, written by ``python -m pipeline.commands.sweep_report``) and
-the DVC pipeline's committed test predictions. Nothing here reads a tracking store, so the
+the DVC pipeline's committed test predictions, and the sweep reports' per-image test
+predictions (reports/sweeps/<report>/predictions.npz). Nothing here reads a tracking store, so the
 page regenerates on any checkout."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -74,3 +76,49 @@ def correct_predictions(metrics_dir: Path, kind: str) -> np.ndarray:
     from its committed predictions (metrics/<dataset>/predictions_<kind>_best.csv)."""
     table = pd.read_csv(metrics_dir / f"predictions_{kind}_best.csv")
     return (table["actual"] == table["predicted"]).to_numpy()
+
+
+@dataclass
+class Predictions:
+    """A sweep report's per-image test predictions (reports/sweeps/<report>/predictions.npz,
+    written by pipeline.sweeps.predictions): ``runs`` (sweep, job, run_id: one row per run, in
+    the order of the matrices' rows), ``best`` and ``last`` (runs x images, predicted digits)
+    and the test ``labels``."""
+
+    runs: pd.DataFrame
+    best: np.ndarray
+    last: np.ndarray
+    labels: np.ndarray
+
+    def correct(self, run_ids, rule: str = "best") -> np.ndarray:
+        """Whether each of ``run_ids`` (in that order) got each test image right: a boolean
+        (runs x images) matrix; a StageError naming a run without predictions."""
+        index = {run_id: row for row, run_id in enumerate(self.runs["run_id"])}
+        absent = [run_id for run_id in run_ids if run_id not in index]
+        if absent:
+            raise StageError(f"findings: no test predictions for run {absent[0]} "
+                             f"({len(absent)} of {len(list(run_ids))} runs)")
+        matrix = {"best": self.best, "last": self.last}[rule]
+        return matrix[[index[run_id] for run_id in run_ids]] == self.labels
+
+
+def predictions_file(report_id: str) -> str:
+    return f"reports/sweeps/{report_id}/predictions.npz"
+
+
+def load_predictions(reports_dir: Path, report_id: str) -> Predictions | None:
+    """A committed sweep report's predictions, or None where the report has none (sweeps
+    made before jobs logged their predictions)."""
+    path = reports_dir / "sweeps" / report_id / "predictions.npz"
+    if not path.is_file():
+        return None
+    with np.load(path, allow_pickle=False) as data:
+        found = Predictions(
+            runs=pd.DataFrame({"sweep": data["sweep"].astype(str), "job": data["job"],
+                               "run_id": data["run_id"].astype(str)}),
+            best=data["best"], last=data["last"], labels=data["labels"])
+    rows, images = len(found.runs), len(found.labels)
+    if found.best.shape != (rows, images) or found.last.shape != (rows, images):
+        raise StageError(f"findings: {predictions_file(report_id)}: expected {rows} x {images} "
+                         f"predictions, found {found.best.shape} and {found.last.shape}")
+    return found

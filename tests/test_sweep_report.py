@@ -7,6 +7,7 @@ import json
 import math
 from types import SimpleNamespace
 
+import numpy as np
 import pandas as pd
 import pytest
 
@@ -171,3 +172,79 @@ def test_a_runs_schedule_reads_as_its_rates_and_epochs():
                           '{"50": 0.005, "30": 0.008, "70": 0.002}'}) == \
         "0.01; 0.008 from epoch 30, 0.005 from 50, 0.002 from 70"
     assert schedule_text({}) == ""  # a job that failed before training logged no model.lr
+
+
+# ----------------------------------------------------------------- per-image predictions
+class _Store:
+    """The two calls the report makes per run: list_artifacts and download_artifacts, over
+    artifacts logged with log_artifact (as a job logs them)."""
+
+    def __init__(self):
+        self.files = {}
+
+    def log_artifact(self, run_id, local, folder):
+        from pathlib import Path
+        self.files[(run_id, f"{folder}/{Path(local).name}")] = Path(local).read_bytes()
+
+    def list_artifacts(self, run_id, folder):
+        return [SimpleNamespace(path=path) for (run, path) in self.files
+                if run == run_id and path.startswith(folder + "/")]
+
+    def download_artifacts(self, run_id, path, dst):
+        from pathlib import Path
+        target = Path(dst) / Path(path).name
+        target.write_bytes(self.files[(run_id, path)])
+        return str(target)
+
+
+def _evaluation(predicted):
+    return SimpleNamespace(predictions=np.asarray(predicted, dtype=np.int64))
+
+
+def test_a_jobs_predictions_reach_the_reports_file_one_row_per_finished_run(tmp_path):
+    from pipeline.sweeps import predictions
+    labels = np.array([3, 1, 4, 1, 5, 9, 2, 6], dtype=np.int64)
+    store = _Store()
+    for run_id, shift in (("r0", 0), ("r1", 1), ("r3", 2)):
+        guess = labels.copy()
+        guess[:shift] = (guess[:shift] + 1) % 10
+        predictions.log_job_predictions(store, run_id, {"best": _evaluation(guess),
+                                                        "last": _evaluation(labels)}, labels)
+    assert ("r0", "evaluation/test_predictions.npz") in store.files
+    jobs = job_table()  # r0-r2 uni, r3-r5 bi, r6 failed; r2 ran before jobs logged predictions
+    jobs["sweep"] = "s"
+    arrays = predictions.gather(store, jobs)
+    assert list(arrays["run_id"]) == ["r0", "r1", "r3"] and list(arrays["job"]) == [0, 1, 3]
+    assert arrays["best"].dtype == arrays["last"].dtype == arrays["labels"].dtype == np.uint8
+    assert arrays["best"].shape == (3, 8)
+    assert list((arrays["best"] == arrays["labels"]).sum(axis=1)) == [8, 7, 6]
+    assert (arrays["last"] == labels).all() and (arrays["labels"] == labels).all()
+    # Written compressed, the same arrays give the same bytes.
+    predictions.write_report_file(tmp_path, arrays)
+    first = (tmp_path / "predictions.npz").read_bytes()
+    predictions.write_report_file(tmp_path, predictions.gather(store, jobs))
+    assert (tmp_path / "predictions.npz").read_bytes() == first
+    with np.load(tmp_path / "predictions.npz") as saved:
+        assert saved["best"].tolist() == arrays["best"].tolist()
+
+
+def test_a_report_without_any_predictions_writes_no_file_and_other_labels_are_refused(tmp_path):
+    from pipeline.sweeps import predictions
+    store, jobs = _Store(), job_table()
+    jobs["sweep"] = "s"
+    assert predictions.gather(store, jobs) is None
+    predictions.write_report_file(tmp_path, None)
+    assert not (tmp_path / "predictions.npz").exists()
+    for run_id, labels in (("r0", [1, 2, 3]), ("r1", [1, 2, 4])):
+        predictions.log_job_predictions(store, run_id, {"best": _evaluation(labels),
+                                                        "last": _evaluation(labels)}, labels)
+    with pytest.raises(StageError, match="run r1 .*test labels differ"):
+        predictions.gather(store, jobs)
+
+
+def test_runs_csv_records_each_runs_numerics_empty_before_the_tag():
+    pinned = fake_run(0, ["model=uni", "train.seed=0"], "uni")
+    pinned.data.tags["numerics"] = "pinned"
+    older = fake_run(1, ["model=uni", "train.seed=1"], "uni")
+    table = sweep_runs.job_table([pinned, older])
+    assert list(table["numerics"]) == ["pinned", ""]

@@ -175,6 +175,24 @@ def test_report_aggregates_the_runs_of_the_sweep(report, seeds):
         summary.loc["bi", "test_acc_best_mean"] - summary.loc["uni", "test_acc_best_mean"])
 
 
+def test_every_jobs_test_predictions_reach_the_report(report, seeds):
+    # Each job logs its per-image predictions (best and last parameters); the report, from
+    # MLflow alone, commits them in one compressed file with the labels once, and runs.csv
+    # says which numerics each run ran.
+    import numpy as np
+    runs = by_job(runs_of(seeds["client"], seeds["id"], "job"))
+    table = pd.read_csv(report["dir"] / "runs.csv", keep_default_na=False)
+    assert set(table["numerics"]) == {runs[0].data.tags["numerics"]} and table["numerics"][0]
+    with np.load(report["dir"] / "predictions.npz") as saved:
+        assert list(saved["job"]) == [0, 1, 2, 3] and set(saved["sweep"]) == {seeds["id"]}
+        assert list(saved["run_id"]) == list(table["run_id"])
+        assert saved["best"].dtype == np.uint8 and saved["best"].shape == (4, len(saved["labels"]))
+        for row, job in enumerate(saved["job"]):
+            for rule in ("best", "last"):
+                accuracy = (saved[rule][row] == saved["labels"]).mean()
+                assert accuracy == runs[int(job)].data.metrics[f"test_acc_{rule}"]
+
+
 def test_report_page_figure_and_parent_run(report, seeds):
     page = (report["dir"] / "report.md").read_text()
     assert page.startswith(f"# Sweep `{seeds['id']}`")

@@ -35,6 +35,7 @@ from pipeline.guard.entrypoint import stage
 from pipeline.metric_names import CHECKPOINT_METRICS, CHECKPOINT_RENAMES, SUMMARY_METRICS
 from pipeline.paths import portable, project_path
 from pipeline.sweeps import job as sweep_job
+from pipeline.sweeps import predictions as sweep_predictions
 from pipeline.tracking import logged_model, metrics, runs, store
 
 log = logging.getLogger(__name__)
@@ -149,7 +150,8 @@ def log_best_model(client, run_id: str, cfg: DictConfig, model_file, example) ->
 def self_test(client, run_id: str, cfg: DictConfig, model: RNNClassifier, result: TrainResult,
               data_dir, meta: dict, model_id: str | None = None) -> dict:
     """Test the best and last parameters as the evaluate stage would, into the run (a sweep
-    job's default: its report reads them from MLflow); return the model's test entry."""
+    job's default: its report reads them from MLflow), with the per-image predictions as the
+    artifact evaluation/test_predictions.npz; return the model's test entry."""
     images, labels = prepared_data.load(data_dir, "test", meta)
     by_rule = {}
     for rule, params in (("best", result.best_params), ("last", result.last_params)):
@@ -157,6 +159,7 @@ def self_test(client, run_id: str, cfg: DictConfig, model: RNNClassifier, result
         by_rule[rule].set_params(params)
     results = scoring.score(cfg.name, by_rule, images, labels)
     scoring.record(client, run_id, results, meta, model_id)
+    sweep_predictions.log_job_predictions(client, run_id, results, labels)
     return scoring.summary_entry(model.param_count()["total"], results)
 
 

@@ -224,7 +224,9 @@ Welch–Satterthwaite. Positive accuracy and negative loss differences favour bi
 {timings}
 
 CSV files with full precision: `runs.csv` (one row per job), `summary.csv` (per
-configuration), `differences.csv` (bi minus uni).
+configuration), `differences.csv` (bi minus uni); the finished runs' per-image test
+predictions (best and last parameters) and the test labels in `predictions.npz`, where the
+runs logged them.
 """
 
 

@@ -1,5 +1,6 @@
 """The multi-seed report of one or more sweeps, from MLflow alone (the task of
-``python -m pipeline.commands.sweep_report``): writes reports/sweeps/<id>/ (report.md, runs.csv, summary.csv, differences.csv, per_seed.png;
+``python -m pipeline.commands.sweep_report``): writes reports/sweeps/<id>/ (report.md, runs.csv, summary.csv, differences.csv, per_seed.png,
+predictions.npz (the runs' per-image test predictions: pipeline.sweeps.predictions);
 several: reports/sweeps/<id>+<id>/) whole, and logs the same to the sweep's parent run (several
 sweeps: to a report run of their own).
 """
@@ -18,7 +19,7 @@ from pipeline.guard.errors import StageError
 from pipeline.paths import project_path
 from pipeline.reports import figures, table_19_12
 from pipeline.sweeps import job as sweep
-from pipeline.sweeps import page, statistics
+from pipeline.sweeps import page, predictions, statistics
 from pipeline.sweeps import runs as sweep_runs
 from pipeline.tracking import metrics, runs, store
 
@@ -93,8 +94,10 @@ def command(sweep_ids: list[str]) -> str:
     return sweep.report_command(sweep_ids)
 
 
-def write_files(folder: Path, text: str, jobs, summary, diffs, figure) -> None:
+def write_files(folder: Path, text: str, jobs, summary, diffs, figure,
+                predicted=None) -> None:
     (folder / "report.md").write_text(text, encoding="utf-8")
+    predictions.write_report_file(folder, predicted)
     jobs.to_csv(folder / "runs.csv", index=False)
     summary.to_csv(folder / "summary.csv", index=False)
     diffs.to_csv(folder / "differences.csv", index=False)
@@ -132,12 +135,13 @@ def sweep_report_task(cfg: DictConfig) -> None:
 
     target = project_path(cfg.paths.reports_dir) / "sweeps" / found.report_id
     check_same_runs(target, jobs)
+    predicted = predictions.gather(client, jobs)
     with files.publish_dir(target, "report") as staging:
         if len(found.sweep_ids) == 1 and found.parents:  # the sweep's own parent holds it
             parent = found.parents[0]
             run_id = parent.info.run_id
             write_files(staging, page.page(context, summary, diffs, jobs, book), jobs,
-                        summary, diffs, figure)
+                        summary, diffs, figure, predicted)
             figure_url = artifact_link(run_id, "report/per_seed.png")
             log_report(client, staging, values, run_id)
             runs.set_description(client, run_id, page.parent_description(
@@ -150,7 +154,7 @@ def sweep_report_task(cfg: DictConfig) -> None:
                               tags) as run_id:
                 context["report_run"] = run_id
                 write_files(staging, page.page(context, summary, diffs, jobs, book),
-                            jobs, summary, diffs, figure)
+                            jobs, summary, diffs, figure, predicted)
                 log_report(client, staging, values, run_id)
     log.info("wrote %s/report.md in %.1f s", target, time.monotonic() - started)
     for _, pair in diffs.iterrows():

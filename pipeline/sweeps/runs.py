@@ -104,6 +104,8 @@ def job_table(runs: list) -> pd.DataFrame:
             "train_seconds": metrics.get("train_seconds"),
             "job_seconds": metrics.get("job_seconds"),
             "run_id": run.info.run_id, "error": tags.get(tracked_runs.ERROR_TAG, ""),
+            # pinned, native or unpinned (birnn.numerics); empty: run made before the tag
+            "numerics": tags.get("numerics", ""),
         })
     return pd.DataFrame(rows).sort_values(["sweep", "job"], kind="stable").reset_index(drop=True)
 
